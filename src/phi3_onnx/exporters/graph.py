@@ -1,0 +1,310 @@
+"""Phi-3 decoder graph with ONNX Runtime's fused contrib ops, one small function per subgraph.
+
+Weights are `onnx_ir.LazyTensor`s: nothing is read or quantized until `onnx_ir.save` streams the
+initializers to the external-data file one by one, which bounds export memory to a few tensors.
+
+Graph I/O (the onnxruntime-genai "phi3" decoder contract):
+    input_ids [batch, seq] int64, attention_mask [batch, total] int64,
+    past_key_values.{i}.key/value [batch, kv_heads, past, head_dim]
+    -> logits [batch, seq, vocab], present.{i}.key/value [batch, kv_heads, total, head_dim]
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from phi3_onnx.exporters.rope import rope_caches
+from phi3_onnx.quantize.rtn import Int4Packed, quantize_int4
+from phi3_onnx.spec import ModelSpec
+from phi3_onnx.targets import Target
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+_DTYPES = {"float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}
+
+
+class WeightSource(Protocol):
+    """Anything that hands out Hugging Face-named tensors as float32 (a checkpoint, or AWQ's rescaled view)."""
+
+    def read(self, name: str) -> np.ndarray: ...
+
+
+# ----------------------------------------------------------------------------- plumbing
+
+
+@dataclass
+class GraphBuilder:
+    """Collects nodes and initializers; names every output after its node so names are deterministic."""
+
+    nodes: list[ir.Node] = field(default_factory=list)
+    initializers: list[ir.Value] = field(default_factory=list)
+
+    def op(self, op_type: str, inputs: list[ir.Value | None], name: str, *, domain: str = "", outputs: int = 1, **attrs) -> ir.Value:
+        return self.op_multi(op_type, inputs, name, domain=domain, outputs=outputs, **attrs)[0]
+
+    def op_multi(self, op_type: str, inputs: list[ir.Value | None], name: str, *, domain: str = "", outputs: int = 1, **attrs) -> list[ir.Value]:
+        node = ir.node(op_type, inputs, attributes=attrs or None, domain=domain, num_outputs=outputs, name=name)
+        for k, value in enumerate(node.outputs):
+            value.name = f"{name}/output_{k}"
+        self.nodes.append(node)
+        return list(node.outputs)
+
+    def const(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.type = ir.TensorType(value.const_value.dtype)
+        value.shape = ir.Shape(array.shape)
+        self.initializers.append(value)
+        return value
+
+    def lazy(self, name: str, make: Callable[[], np.ndarray], dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
+        tensor = ir.LazyTensor(lambda: ir.tensor(make(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
+        value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+        self.initializers.append(value)
+        return value
+
+
+class _Int4Cache:
+    """Quantize a weight once for its two initializers (packed blocks, scales), then forget it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._done: dict[str, tuple[Int4Packed, set[str]]] = {}
+
+    def take(self, key: str, part: str, make: Callable[[], Int4Packed]) -> np.ndarray:
+        with self._lock:
+            q, taken = self._done.get(key) or (make(), set())
+            taken.add(part)
+            if taken >= {"packed", "scales"}:
+                self._done.pop(key, None)
+            else:
+                self._done[key] = (q, taken)
+        return getattr(q, part)
+
+
+@dataclass
+class Context:
+    """What every subgraph function needs: the builder, the spec, the target and the weights."""
+
+    b: GraphBuilder
+    spec: ModelSpec
+    target: Target
+    weights: WeightSource
+    int4: _Int4Cache = field(default_factory=_Int4Cache)
+
+    @property
+    def dtype(self) -> ir.DataType:
+        return _DTYPES[self.target.io_dtype]
+
+    @property
+    def np_dtype(self) -> str:
+        return self.target.io_dtype
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def make_weight(ctx: Context, hf_name: str, shape: tuple[int, ...], transform: Callable[[np.ndarray], np.ndarray] | None = None) -> ir.Value:
+    """A float initializer read lazily from the checkpoint, cast to the target's dtype."""
+
+    def load() -> np.ndarray:
+        w = ctx.weights.read(hf_name)
+        return np.ascontiguousarray(transform(w) if transform else w, dtype=ctx.np_dtype)
+
+    return ctx.b.lazy(hf_name, load, ctx.dtype, shape)
+
+
+def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: str, out_f: int, in_f: int, quantize: bool = True) -> ir.Value:
+    """y = x W^T: MatMulNBits for int4 targets, MatMul with the transposed weight otherwise.
+
+    x ──MatMul(W^T)──▶ y          or          x ──MatMulNBits(B, scales)──▶ y
+    """
+    recipe = ctx.target.quant
+    if recipe is None or not quantize:
+        w_t = make_weight(ctx, hf_name, (in_f, out_f), transform=lambda w: w.T)
+        return ctx.b.op("MatMul", [x, w_t], f"{name}/MatMul")
+    bs = recipe.block_size
+    k_blocks = in_f // bs
+
+    def quantized() -> Int4Packed:
+        return quantize_int4(ctx.weights.read(hf_name), bs, recipe.symmetric, ctx.np_dtype)
+
+    key = hf_name
+    packed = ctx.b.lazy(
+        f"{hf_name}_Q4", lambda: ctx.int4.take(key, "packed", quantized), ir.DataType.UINT8, (out_f, k_blocks, bs // 2)
+    )
+    scales = ctx.b.lazy(f"{hf_name}_scales", lambda: ctx.int4.take(key, "scales", quantized), ctx.dtype, (out_f * k_blocks,))
+    inputs = [x, packed, scales]
+    if not recipe.symmetric:
+        zp = ctx.b.lazy(
+            f"{hf_name}_zp", lambda: quantized().zero_points, ir.DataType.UINT8, (out_f, (k_blocks + 1) // 2)
+        )
+        inputs.append(zp)
+    return ctx.b.op(
+        "MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
+        K=in_f, N=out_f, bits=recipe.bits, block_size=bs, accuracy_level=recipe.accuracy_level,
+    )
+
+
+# ----------------------------------------------------------------------------- subgraphs
+
+
+def make_norm(ctx: Context, name: str, x: ir.Value | None, residual: ir.Value, hf_name: str) -> tuple[ir.Value, ir.Value]:
+    """RMSNorm, fused with the residual add when there is one.
+
+    residual ──SimplifiedLayerNorm──▶ normed              (first layer: residual is the embedding)
+    x, residual ──SkipSimplifiedLayerNorm──▶ normed, x + residual
+    """
+    gamma = make_weight(ctx, hf_name, (ctx.spec.hidden_size,))
+    eps = ctx.spec.rms_norm_eps
+    if x is None:
+        normed = ctx.b.op("SimplifiedLayerNormalization", [residual, gamma], f"{name}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)
+        return normed, residual
+    outs = ctx.b.op_multi("SkipSimplifiedLayerNormalization", [x, residual, gamma], f"{name}/SkipLayerNorm", domain=MS_DOMAIN, outputs=4, epsilon=eps)
+    return outs[0], outs[3]
+
+
+@dataclass
+class AttentionInputs:
+    """Per-step tensors shared by every layer's attention, computed once from the graph inputs."""
+
+    seqlens_k: ir.Value  # int32 [batch]: total length - 1
+    total_len: ir.Value  # int32 scalar
+    cos: ir.Value
+    sin: ir.Value
+
+
+def make_attention_inputs(ctx: Context, attention_mask: ir.Value) -> AttentionInputs:
+    """seqlens_k and total_sequence_length from the mask; the rotary caches for this step.
+
+    For LongRoPE the short and long caches are stacked and sliced at offset
+    (total > original_context) * original_context — no If node, so the same graph runs under
+    DirectML and CUDA graphs, and already-cached keys keep their rotation as in transformers.
+    """
+    b = ctx.b
+    total = b.op("ReduceSum", [attention_mask, b.const("/model/constants/axes_1", np.array([1], np.int64))], "/model/attn_mask/ReduceSum", keepdims=0)
+    seqlens = b.op("Sub", [total, b.const("/model/constants/one_i64", np.array(1, np.int64))], "/model/attn_mask/Sub")
+    seqlens_k = b.op("Cast", [seqlens], "/model/attn_mask/seqlens_k", to=ir.DataType.INT32)
+    shape = b.op("Shape", [attention_mask], "/model/attn_mask/Shape", start=1, end=2)
+    total_i64 = b.op("Squeeze", [shape], "/model/attn_mask/total_len_i64")
+    total_len = b.op("Cast", [total_i64], "/model/attn_mask/total_seq_len", to=ir.DataType.INT32)
+    cos_np, sin_np = rope_caches(ctx.spec)
+    cos = b.const("cos_cache", cos_np.astype(ctx.np_dtype))
+    sin = b.const("sin_cache", sin_np.astype(ctx.np_dtype))
+    if ctx.spec.longrope is not None:
+        cos, sin = _select_longrope_rows(ctx, total_i64, shape, cos, sin)
+    return AttentionInputs(seqlens_k, total_len, cos, sin)
+
+
+def _select_longrope_rows(ctx: Context, total: ir.Value, total_1d: ir.Value, cos: ir.Value, sin: ir.Value) -> tuple[ir.Value, ir.Value]:
+    b, orig = ctx.b, ctx.spec.original_max_position_embeddings
+    orig_c = b.const("/model/constants/original_context", np.array(orig, np.int64))
+    is_long = b.op("Greater", [total, orig_c], "/model/rotary/is_long")
+    offset = b.op("Mul", [b.op("Cast", [is_long], "/model/rotary/is_long_i64", to=ir.DataType.INT64), orig_c], "/model/rotary/offset")
+    start = b.op("Unsqueeze", [offset, b.const("/model/constants/axes_0", np.array([0], np.int64))], "/model/rotary/start")
+    end = b.op("Add", [start, total_1d], "/model/rotary/end")
+    axes = b.const("/model/constants/axes_0_slice", np.array([0], np.int64))
+    cos = b.op("Slice", [cos, start, end, axes], "/model/rotary/cos_slice")
+    sin = b.op("Slice", [sin, start, end, axes], "/model/rotary/sin_slice")
+    return cos, sin
+
+
+def make_attention(ctx: Context, layer: int, x: ir.Value, past_k: ir.Value, past_v: ir.Value, attn: AttentionInputs) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Packed QKV projection, GroupQueryAttention (rotary + KV cache + sliding window), o_proj.
+
+    x ──qkv_proj──▶ qkv ──GQA(past, seqlens_k, total, cos, sin)──▶ attn ──o_proj──▶ out
+                                     └──▶ present key/value
+    """
+    s = ctx.spec
+    p = f"/model/layers.{layer}/attn"
+    hf = f"model.layers.{layer}.self_attn"
+    qkv = make_linear(ctx, f"{p}/qkv_proj", x, f"{hf}.qkv_proj.weight", s.qkv_dim, s.hidden_size)
+    window = s.attention_window
+    out, present_k, present_v = ctx.b.op_multi(
+        "GroupQueryAttention",
+        [qkv, None, None, past_k, past_v, attn.seqlens_k, attn.total_len, attn.cos, attn.sin],
+        f"{p}/GroupQueryAttention",
+        domain=MS_DOMAIN,
+        outputs=3,
+        num_heads=s.num_heads,
+        kv_num_heads=s.num_kv_heads,
+        scale=float(1.0 / np.sqrt(s.head_dim)),
+        do_rotary=1,
+        rotary_interleaved=0,
+        # a query sees the last `window` keys, itself included (transformers' sliding_window)
+        local_window_size=window or -1,
+    )
+    o = make_linear(ctx, f"{p}/o_proj", out, f"{hf}.o_proj.weight", s.hidden_size, s.hidden_size)
+    return o, present_k, present_v
+
+
+def make_mlp(ctx: Context, layer: int, x: ir.Value) -> ir.Value:
+    """gate_up_proj ──Split──▶ silu(gate) * up ──down_proj──▶ out"""
+    s, b = ctx.spec, ctx.b
+    p = f"/model/layers.{layer}/mlp"
+    hf = f"model.layers.{layer}.mlp"
+    gate_up = make_linear(ctx, f"{p}/gate_up_proj", x, f"{hf}.gate_up_proj.weight", 2 * s.intermediate_size, s.hidden_size)
+    gate, up = b.op_multi("Split", [gate_up], f"{p}/Split", outputs=2, axis=-1, num_outputs=2)
+    act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/act_fn/Sigmoid")], f"{p}/act_fn/Mul")
+    h = b.op("Mul", [act, up], f"{p}/Mul")
+    return make_linear(ctx, f"{p}/down_proj", h, f"{hf}.down_proj.weight", s.hidden_size, s.intermediate_size)
+
+
+def make_embedding(ctx: Context, input_ids: ir.Value) -> ir.Value:
+    s = ctx.spec
+    table = make_weight(ctx, "model.embed_tokens.weight", (s.vocab_size, s.hidden_size))
+    return ctx.b.op("Gather", [table, input_ids], "/model/embed_tokens/Gather", axis=0)
+
+
+def make_lm_head(ctx: Context, x: ir.Value) -> ir.Value:
+    s = ctx.spec
+    name = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
+    quantize = bool(ctx.target.quant and ctx.target.quant.quantize_lm_head)
+    return make_linear(ctx, "/lm_head", x, name, s.vocab_size, s.hidden_size, quantize=quantize)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _io(name: str, dtype: ir.DataType, shape: list[int | str]) -> ir.Value:
+    return ir.val(name, dtype, shape)
+
+
+def build_model(spec: ModelSpec, target: Target, weights: WeightSource) -> ir.Model:
+    """The whole decoder graph for one target; weights stay lazy until saved."""
+    ctx = Context(GraphBuilder(), spec, target, weights)
+    kv_shape: list[int | str] = ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    present_shape: list[int | str] = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
+    input_ids = _io("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    mask = _io("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
+    inputs, outputs = [input_ids, mask], []
+    attn = make_attention_inputs(ctx, mask)
+    hidden, residual = None, make_embedding(ctx, input_ids)
+    presents = []
+    for i in range(spec.num_layers):
+        past_k = _io(f"past_key_values.{i}.key", ctx.dtype, kv_shape)
+        past_v = _io(f"past_key_values.{i}.value", ctx.dtype, kv_shape)
+        inputs += [past_k, past_v]
+        normed, residual = make_norm(ctx, f"/model/layers.{i}/input_layernorm", hidden, residual, f"model.layers.{i}.input_layernorm.weight")
+        attn_out, pk, pv = make_attention(ctx, i, normed, past_k, past_v, attn)
+        normed, residual = make_norm(ctx, f"/model/layers.{i}/post_attention_layernorm", attn_out, residual, f"model.layers.{i}.post_attention_layernorm.weight")
+        hidden = make_mlp(ctx, i, normed)
+        pk.name, pv.name = f"present.{i}.key", f"present.{i}.value"
+        pk.type, pv.type = ir.TensorType(ctx.dtype), ir.TensorType(ctx.dtype)
+        pk.shape, pv.shape = ir.Shape(present_shape), ir.Shape(present_shape)
+        presents += [pk, pv]
+    normed, _ = make_norm(ctx, "/model/norm", hidden, residual, "model.norm.weight")
+    logits = make_lm_head(ctx, normed)
+    logits.name = "logits"
+    logits.type, logits.shape = ir.TensorType(ctx.dtype), ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
+    outputs = [logits, *presents]
+    graph = ir.Graph(
+        inputs, outputs, nodes=ctx.b.nodes, initializers=ctx.b.initializers,
+        opset_imports={"": OPSET, MS_DOMAIN: 1}, name="phi3",
+    )
+    return ir.Model(graph, ir_version=10, producer_name="phi3-onnx")

@@ -1,0 +1,94 @@
+"""Model spec: the typed description of a Phi-3 checkpoint that every stage reads.
+
+A `ModelSpec` is pure data. The exporter builds it from a checkpoint's config.json
+(`phi3_onnx.exporters.checkpoint.spec_from_config`); the package manifest stores it with
+`to_dict()`, and the runtime reads it back with `from_dict()` without importing the exporter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LongRope:
+    """Phi-3 LongRoPE ("su"/"longrope") scaling: short factors up to the original context, long past it."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    attention_factor: float  # multiplies cos/sin; transformers' default is sqrt(1 + ln(s)/ln(orig))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Architecture hyper-parameters of one Phi-3 model (no weights)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    vocab_size: int
+    max_position_embeddings: int
+    original_max_position_embeddings: int
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    sliding_window: int | None = None
+    longrope: LongRope | None = None
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_ids: tuple[int, ...] = (32000,)
+    pad_token_id: int = 32000
+    name: str = "phi3"
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    @property
+    def qkv_dim(self) -> int:
+        return self.hidden_size + 2 * self.kv_dim
+
+    @property
+    def attention_window(self) -> int | None:
+        """Keys a query may see (itself included), or None when the window covers the whole context."""
+        if self.sliding_window is None or self.sliding_window >= self.max_position_embeddings:
+            return None
+        return self.sliding_window
+
+    def num_params(self) -> int:
+        per_layer = (
+            self.hidden_size * self.qkv_dim
+            + self.hidden_size * self.hidden_size
+            + self.hidden_size * 2 * self.intermediate_size
+            + self.intermediate_size * self.hidden_size
+            + 2 * self.hidden_size
+        )
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.vocab_size * self.hidden_size + self.num_layers * per_layer + self.hidden_size + head
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
+        data = dict(data)
+        rope = data.pop("longrope", None)
+        if rope is not None:
+            rope = LongRope(
+                short_factor=tuple(rope["short_factor"]),
+                long_factor=tuple(rope["long_factor"]),
+                attention_factor=float(rope["attention_factor"]),
+            )
+        data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(longrope=rope, **{k: v for k, v in data.items() if k in known})
+
+
+__all__ = ["LongRope", "ModelSpec"]

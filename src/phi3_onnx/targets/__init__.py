@@ -1,0 +1,135 @@
+"""The one registry that connects the stages: exporter, quantizer, package manifest, runtime, eval.
+
+A `Target` says everything a package variant is: weight precision and quantization recipe, the
+execution provider it is built for, the activation dtype, graph-shape options and the default
+accuracy-drift limits. CLI choices are the keys of `TARGETS`; the manifest stores `to_dict()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Provider = Literal["cpu", "cuda", "dml"]
+DType = Literal["float32", "float16"]
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    """Block-wise int4 weight quantization, packed for com.microsoft.MatMulNBits."""
+
+    method: Literal["rtn", "awq"]
+    bits: int = 4
+    block_size: int = 32
+    # MatMulNBits accuracy_level: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute (fastest on CPU)
+    accuracy_level: int = 4
+    symmetric: bool = True
+    quantize_lm_head: bool = True
+
+
+@dataclass(frozen=True)
+class GraphOptions:
+    """Graph-shape choices that differ between execution providers."""
+
+    packed_qkv: bool = True  # one MatMul for Q, K and V feeding GroupQueryAttention
+    rotary_in_attention: bool = True  # GQA do_rotary; False: separate RotaryEmbedding nodes
+    position_ids_input: bool = False  # DirectML-style graphs take position_ids explicitly
+
+
+@dataclass(frozen=True)
+class DriftLimits:
+    """Default pass/fail limits of `phi3-onnx eval` against the fp32 reference."""
+
+    max_ppl_increase_pct: float
+    max_kl: float
+    min_top1: float
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    provider: Provider
+    io_dtype: DType
+    quant: QuantRecipe | None
+    graph: GraphOptions
+    limits: DriftLimits
+
+    @property
+    def weight_dtype(self) -> str:
+        return "int4" if self.quant else self.io_dtype
+
+    def with_overrides(self, block_size: int | None = None, accuracy_level: int | None = None) -> Target:
+        """This target with a different int4 block size or accuracy level (CLI overrides)."""
+        if block_size is None and accuracy_level is None:
+            return self
+        if self.quant is None:
+            raise ValueError(f"target {self.name} is not quantized: --block-size/--accuracy-level do not apply")
+        quant = self.quant
+        if block_size is not None:
+            if block_size < 16 or block_size & (block_size - 1):
+                raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
+            quant = dataclasses.replace(quant, block_size=block_size)
+        if accuracy_level is not None:
+            if accuracy_level not in (0, 1, 2, 3, 4):
+                raise ValueError(f"accuracy level must be 0..4, got {accuracy_level}")
+            quant = dataclasses.replace(quant, accuracy_level=accuracy_level)
+        return dataclasses.replace(self, quant=quant)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Target:
+        data = dict(data)
+        quant = data.pop("quant")
+        return cls(
+            quant=QuantRecipe(**quant) if quant else None,
+            graph=GraphOptions(**data.pop("graph")),
+            limits=DriftLimits(**data.pop("limits")),
+            **data,
+        )
+
+
+def _register(*targets: Target) -> dict[str, Target]:
+    registry: dict[str, Target] = {}
+    for t in targets:
+        if t.name in registry:
+            raise ValueError(f"duplicate target {t.name}")
+        registry[t.name] = t
+    return registry
+
+
+_CPU_GRAPH = GraphOptions()
+
+TARGETS: dict[str, Target] = _register(
+    Target(
+        name="fp32-cpu",
+        description="fp32 weights and activations on the CPU EP; the accuracy reference",
+        provider="cpu",
+        io_dtype="float32",
+        quant=None,
+        graph=_CPU_GRAPH,
+        limits=DriftLimits(max_ppl_increase_pct=0.1, max_kl=1e-4, min_top1=0.999),
+    ),
+    Target(
+        name="int4-cpu",
+        description="int4 RTN (symmetric, block 32, int8 compute), fp32 activations, CPU/mobile",
+        provider="cpu",
+        io_dtype="float32",
+        quant=QuantRecipe(method="rtn", block_size=32, accuracy_level=4),
+        graph=_CPU_GRAPH,
+        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+    ),
+)
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise KeyError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}") from None
+
+
+__all__ = ["DriftLimits", "GraphOptions", "QuantRecipe", "TARGETS", "Target", "get_target"]
