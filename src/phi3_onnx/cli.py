@@ -82,6 +82,10 @@ def targets() -> None:
     Console(width=max(100, Console().width)).print(table)
 
 
+# Verbs of other stages live in their own modules and register on `app` when imported.
+from phi3_onnx import cli_eval, cli_runtime  # noqa: E402,F401
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and the documented exit codes."""
     try:
