@@ -1,0 +1,50 @@
+"""Session fixtures shared by every test module: the tiny checkpoints and cached exports of them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import sys
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from helpers import TINY_PHI3, longrope_overrides, make_variant  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt() -> Path:
+    """The committed tiny trained Phi-3 (hub layout, 2 bf16 shards, transformers-4.x config)."""
+    return TINY_PHI3
+
+
+@pytest.fixture(scope="session")
+def tiny_longrope_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny weights with a Phi-3-128k-style LongRoPE config (original context 64)."""
+    return make_variant(TINY_PHI3, tmp_path_factory.mktemp("ckpt") / "tiny-longrope", **longrope_overrides())
+
+
+@pytest.fixture(scope="session")
+def tiny_sliding_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny weights with a 100-token sliding window (Phi-3-mini-4k has 2047)."""
+    return make_variant(TINY_PHI3, tmp_path_factory.mktemp("ckpt") / "tiny-sw100", sliding_window=100)
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """exported(target, ckpt=None, **overrides) -> package folder, exported once per session."""
+    from phi3_onnx import export
+
+    cache: dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("packages")
+
+    def get(target: str, ckpt: Path | None = None, **overrides) -> Path:
+        ckpt = ckpt or TINY_PHI3
+        key = (target, str(ckpt), tuple(sorted(overrides.items())))
+        if key not in cache:
+            out = root / f"{Path(ckpt).name}-{target}-{len(cache)}"
+            cache[key] = export(ckpt, target, out, **overrides)
+        return cache[key]
+
+    return get
