@@ -191,20 +191,25 @@ def make_attention_inputs(ctx: Context, attention_mask: ir.Value) -> AttentionIn
     seqlens = b.op("Sub", [total, b.const("/model/constants/one_i64", np.array(1, np.int64))], "/model/attn_mask/Sub")
     seqlens_k = b.op("Cast", [seqlens], "/model/attn_mask/seqlens_k", to=ir.DataType.INT32)
     shape = b.op("Shape", [attention_mask], "/model/attn_mask/Shape", start=1, end=2)
-    total_i64 = b.op("Squeeze", [shape], "/model/attn_mask/total_len_i64")
-    total_len = b.op("Cast", [total_i64], "/model/attn_mask/total_seq_len", to=ir.DataType.INT32)
+    total_len = b.op("Cast", [b.op("Squeeze", [shape], "/model/attn_mask/total_len_i64")], "/model/attn_mask/total_seq_len", to=ir.DataType.INT32)
     cos_np, sin_np = rope_caches(ctx.spec)
     cos = b.const("cos_cache", cos_np.astype(ctx.np_dtype))
     sin = b.const("sin_cache", sin_np.astype(ctx.np_dtype))
     if ctx.spec.longrope is not None:
-        cos, sin = _select_longrope_rows(ctx, total_i64, shape, cos, sin)
+        cos, sin = _select_longrope_rows(ctx, seqlens, shape, cos, sin)
     return AttentionInputs(seqlens_k, total_len, cos, sin)
 
 
-def _select_longrope_rows(ctx: Context, total: ir.Value, total_1d: ir.Value, cos: ir.Value, sin: ir.Value) -> tuple[ir.Value, ir.Value]:
+def _select_longrope_rows(ctx: Context, seqlens: ir.Value, total_1d: ir.Value, cos: ir.Value, sin: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Long rows once the longest real sequence passes the original context.
+
+    The decision uses the mask's sum (real tokens), not its width: with CUDA graphs genai pads
+    the mask to max_length. The slice is as wide as the mask, which GQA needs.
+    """
     b, orig = ctx.b, ctx.spec.original_max_position_embeddings
     orig_c = b.const("/model/constants/original_context", np.array(orig, np.int64))
-    is_long = b.op("Greater", [total, orig_c], "/model/rotary/is_long")
+    last = b.op("ReduceMax", [seqlens], "/model/rotary/max_seqlen", keepdims=0)
+    is_long = b.op("Greater", [last, b.const("/model/constants/original_context_m1", np.array(orig - 1, np.int64))], "/model/rotary/is_long")
     offset = b.op("Mul", [b.op("Cast", [is_long], "/model/rotary/is_long_i64", to=ir.DataType.INT64), orig_c], "/model/rotary/offset")
     start = b.op("Unsqueeze", [offset, b.const("/model/constants/axes_0", np.array([0], np.int64))], "/model/rotary/start")
     end = b.op("Add", [start, total_1d], "/model/rotary/end")
