@@ -42,19 +42,28 @@ def export(
     accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits accuracy_level 0..4 (4 = int8 compute)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be written and the memory estimate")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")] = False,
+    calibration: Annotated[Optional[Path], typer.Option(help="AWQ targets: calibration text file (default: the built-in one)")] = None,
+    calibration_samples: Annotated[Optional[int], typer.Option(help="AWQ targets: calibration sequences (default 16)")] = None,
 ) -> None:
-    """Export a Phi-3 checkpoint to an ONNX Runtime package for one target."""
+    """Export a Phi-3 checkpoint to an ONNX Runtime package (several --target: a bundle, one folder each)."""
     from phi3_onnx.exporters import package
 
-    if len(target) != 1:
-        raise Phi3OnnxError("give exactly one --target")
     if dry_run:
-        plan, _ = package.plan_export(model, target[0], output, max_length=max_length,
-                                      block_size=block_size, accuracy_level=accuracy_level)
-        _print_plan(plan)
+        for name in target:
+            plan, _ = package.plan_export(model, name, output / name if len(target) > 1 else output,
+                                          max_length=max_length, block_size=block_size, accuracy_level=accuracy_level)
+            _print_plan(plan)
+        return
+    if len(target) > 1:
+        from phi3_onnx.exporters.bundle import export_bundle
+
+        path = export_bundle(model, target, output, force=force, max_length=max_length, block_size=block_size,
+                             accuracy_level=accuracy_level, progress=_progress_enabled(quiet))
+        typer.echo(f"wrote bundle {path} ({', '.join(target)})")
         return
     path = package.export(model, target[0], output, force=force, max_length=max_length, block_size=block_size,
-                          accuracy_level=accuracy_level, progress=_progress_enabled(quiet))
+                          accuracy_level=accuracy_level, progress=_progress_enabled(quiet),
+                          calibration=str(calibration) if calibration else None, calibration_samples=calibration_samples)
     typer.echo(f"wrote {path}")
 
 

@@ -1,0 +1,111 @@
+"""One onnxruntime-genai Generator plus the bookkeeping genai leaves to us.
+
+- LongRoPE: the graph rotates each step's keys with short factors while the total length fits
+  the original context and long factors past it, but keys already cached keep their rotation.
+  transformers' Phi-3 `generate()` recomputes the whole KV cache once when the sequence first
+  grows past the original context; genai cannot rewrite its cache, so we rebuild the Generator
+  and re-append the full sequence (one prefill) at that step.
+- Multi-turn reuse: a new prompt that extends the cached sequence appends only the new tokens;
+  one that diverges rewinds to the common prefix first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from phi3_onnx.errors import Phi3OnnxError
+
+
+class Decoder:
+    """Wraps og.Generator; `append` and `next_token` are its only moves. Not thread-safe."""
+
+    def __init__(self, og_model: Any, make_params: Callable[[], Any], max_length: int, long_after: int | None) -> None:
+        self._og_model = og_model
+        self._make_params = make_params
+        self.max_length = max_length
+        self._long_after = long_after  # LongRoPE original context, None for plain RoPE
+        self._gen = self._new_generator()
+        self._cache_long = False  # cached keys were rotated with long factors
+        self._pending = False  # the last sampled token is in the sequence but not yet run
+        self.rebuilds = 0  # LongRoPE cache rebuilds so far
+        self.reused = 0  # prompt tokens served from the cache by the last extend_to
+
+    def _new_generator(self) -> Any:
+        from phi3_onnx.runtime.deps import import_genai
+
+        return import_genai().Generator(self._og_model, self._make_params())
+
+    def tokens(self) -> list[int]:
+        return [int(t) for t in self._gen.get_sequence(0)]
+
+    def __len__(self) -> int:
+        return int(self._gen.token_count())
+
+    def _needs_long(self, total: int) -> bool:
+        return self._long_after is not None and total > self._long_after
+
+    def append(self, ids: Sequence[int]) -> None:
+        """Run the model over `ids` after the current sequence (rewinding a diverged suffix first)."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            return
+        total = len(self) + len(ids)
+        if total > self.max_length:
+            raise Phi3OnnxError(f"prompt needs {total} tokens but the model was loaded with max_length="
+                                f"{self.max_length}; shorten it or load with a larger max_length")
+        if len(self) and self._needs_long(total) != self._cache_long:
+            self._rebuild(self.tokens() + ids)
+        else:
+            self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+            self._cache_long = self._needs_long(total)
+        self._pending = False
+
+    def extend_to(self, ids: Sequence[int]) -> int:
+        """Make the sequence equal `ids`, reusing the longest cached prefix; returns tokens reused."""
+        have = self.tokens()
+        common = _common_prefix(have, ids)
+        if common == len(ids):  # nothing new to run: recompute the last token for fresh logits
+            common = max(common - 1, 0)
+        if common < len(have):
+            self.rewind(common)
+        self.append(ids[common:])
+        self.reused = common
+        return common
+
+    def rewind(self, length: int) -> None:
+        if length == 0:
+            self._gen = self._new_generator()
+            self._cache_long = False
+        else:
+            self._gen.rewind_to(length)
+        self._pending = False
+
+    def next_token(self) -> int:
+        """Sample one token; run the pending one first (rebuilding at the LongRoPE boundary)."""
+        if self._pending and self._needs_long(len(self)) != self._cache_long:
+            self._rebuild(self.tokens())
+        self._gen.generate_next_token()
+        self._pending = not self._gen.is_done()
+        return int(self._gen.get_next_tokens()[0])
+
+    def done(self) -> bool:
+        return bool(self._gen.is_done()) or len(self) >= self.max_length
+
+    def _rebuild(self, ids: list[int]) -> None:
+        """A fresh Generator over the whole sequence: one prefill, every key rotated alike."""
+        self._gen = self._new_generator()
+        self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        self._cache_long = self._needs_long(len(ids))
+        self.rebuilds += 1
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

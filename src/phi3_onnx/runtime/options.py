@@ -1,0 +1,65 @@
+"""Generation settings, checked once, turned into genai search options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from phi3_onnx.errors import Phi3OnnxError
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """temperature 0 is greedy; top_k 0 means no top-k cut; stop strings end generation (not included)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise Phi3OnnxError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature >= 0:  # also rejects NaN
+            raise Phi3OnnxError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise Phi3OnnxError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise Phi3OnnxError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if any(not s for s in self.stop):
+            raise Phi3OnnxError("stop strings must not be empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def search_options(self, max_length: int, vocab_size: int) -> dict[str, Any]:
+        """genai GeneratorParams.set_search_options keywords."""
+        if self.greedy:
+            return {"max_length": max_length, "do_sample": False}
+        opts: dict[str, Any] = {
+            "max_length": max_length, "do_sample": True, "temperature": float(self.temperature),
+            "top_p": float(self.top_p), "top_k": self.top_k or vocab_size,
+        }
+        if self.seed is not None:
+            opts["random_seed"] = int(self.seed)
+        return opts
+
+
+def find_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Index where the earliest stop string starts, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+def safe_prefix_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of `text` that can be shown: a tail that may begin a stop string is held back."""
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return len(text) - hold
