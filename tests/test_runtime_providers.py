@@ -59,7 +59,7 @@ def test_no_provider_can_run_it(env, package):
 
 
 def test_cpu_package_on_requested_cuda_is_refused_naming_a_cuda_target():
-    with pytest.raises(Phi3OnnxError, match=r"cannot run on the CUDA EP: export .*(--target \S+|CUDA target)") as e:
+    with pytest.raises(Phi3OnnxError, match=r"cannot run on the CUDA EP: export a CUDA target") as e:
         choose_provider(CUDA_CPU, "cpu", "cuda", target_name="int4-cpu")
     assert "int4-cpu" in str(e.value) and "\n" not in str(e.value)
 

@@ -30,11 +30,15 @@ Stop = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable
 def _warnings_to_stderr() -> None:
     """The runtime logs its one-line EP fallback warning; show it as `warning: ...`."""
     logger = logging.getLogger("phi3_onnx")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("warning: %(message)s"))
-        logger.addHandler(handler)
-        logger.propagate = False
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        logger.addHandler(_StderrHandler())
+
+
+class _StderrHandler(logging.Handler):
+    """Writes to the current sys.stderr (not the one at setup time), one line per record."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
 def _load(pkg: Path, device: str, verify: bool, max_length: Optional[int], variant: Optional[str]):

@@ -64,7 +64,7 @@ def runs_on(package_provider: str, provider: str) -> bool:
 def targets_for(provider: str) -> str:
     """Registry targets built for `provider`, to name in a refusal."""
     names = [t.name for t in TARGETS.values() if t.provider == provider]
-    return ", ".join(f"--target {n}" for n in names) if names else f"a {LABELS[provider]} target"
+    return f"a {LABELS[provider]} target" + (f" ({', '.join(names)})" if names else "")
 
 
 def choose_provider(env: Environment, package_provider: str, requested: str = "auto", target_name: str = "") -> Choice:
