@@ -61,7 +61,7 @@ def generate(
     """Generate from one prompt (as a user chat turn unless --raw), streaming to stdout."""
     from phi3_onnx.runtime.options import GenerationOptions
 
-    options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+    options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop)
     model = _load(pkg, device, verify, max_length, variant)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     pieces = model.stream(prompt if raw else messages, options.max_new_tokens, options.temperature,
@@ -83,7 +83,7 @@ def chat(
     """Interactive multi-turn chat, streaming replies; /exit or end of input (Ctrl-D) quits, /reset forgets."""
     from phi3_onnx.runtime.options import GenerationOptions
 
-    options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed)
+    options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, None)
     model = _load(pkg, device, verify, max_length, variant)
     session = model.chat(system)
     interactive = sys.stdin.isatty()

@@ -49,17 +49,24 @@ def export_bundle(
     block_size: int | None = None,
     accuracy_level: int | None = None,
     progress: bool = False,
+    calibration: str | None = None,
+    calibration_samples: int | None = None,
 ) -> Path:
-    """Export `model` once per target into `output/<target>/` and write `output/bundle.json`."""
+    """Export `model` once per target into `output/<target>/` and write `output/bundle.json`.
+
+    Overrides apply to every variant they fit: int4 block size / accuracy level to the quantized
+    ones, AWQ calibration (text file, samples) to the AWQ ones (`package.export` ignores it elsewhere).
+    """
     output = Path(output)
     names = _check_targets(targets)
     if output.exists() and not force:
         raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
     plans = {n: _overrides_for(n, block_size, accuracy_level) for n in names}  # validates every name first
+    awq = {k: v for k, v in (("calibration", calibration), ("calibration_samples", calibration_samples)) if v is not None}
     tmp = package.temp_folder_for(output)
     try:
         for name, overrides in plans.items():
-            package.export(str(model), name, tmp / name, max_length=max_length, progress=progress, **overrides)
+            package.export(str(model), name, tmp / name, max_length=max_length, progress=progress, **overrides, **awq)
         manifests = [(name, read_manifest(tmp / name)) for name in names]
         doc = bundle_document(manifests[0][1].source, manifests)
         (tmp / BUNDLE).write_text(json.dumps(doc, indent=2) + "\n")

@@ -135,9 +135,9 @@ class Phi3Model:
             yield text[len(shown):]
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()) -> str:
+                 top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> str:
         """The completion as one string (decoded in one go from its token ids)."""
-        options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
+        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop)
         ids: list[int] = []
         tokens = self.token_ids(self.new_decoder(options), self.prompt_ids(prompt), options)
         for _ in self.stream_text(tokens, options, ids):
@@ -147,11 +147,12 @@ class Phi3Model:
         return text[:cut] if cut >= 0 else text
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
-        """The completion as text pieces, yielded as tokens are generated."""
-        options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
-        tokens = self.token_ids(self.new_decoder(options), self.prompt_ids(prompt), options)
-        yield from self.stream_text(tokens, options, [])
+               top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> Iterator[str]:
+        """The completion as text pieces, yielded as tokens are generated (bad input raises here, not later)."""
+        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        ids = self.prompt_ids(prompt)
+        self.check_room(len(ids))
+        return self.stream_text(self.token_ids(self.new_decoder(options), ids, options), options, [])
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)
@@ -172,13 +173,15 @@ class ChatSession:
         self.reused_tokens = 0  # prompt tokens served from the cache in the last turn
 
     def send(self, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()) -> str:
+             top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> str:
         return "".join(self.stream(text, max_new_tokens, temperature, top_p, top_k, seed, stop))
 
     def stream(self, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: Sequence[str] = ()) -> Iterator[str]:
+               top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> Iterator[str]:
         """One turn: the user's `text` in, the assistant's reply out as pieces; history updated at the end."""
-        options = GenerationOptions(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop))
+        return self._turn(text, GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop))
+
+    def _turn(self, text: str, options: GenerationOptions) -> Iterator[str]:
         with self._lock:
             messages = [*self.messages, {"role": "user", "content": text}]
             prompt = self.model.prompt_ids(messages)
@@ -192,7 +195,7 @@ class ChatSession:
 
     def _decoder_for(self, options: GenerationOptions) -> Decoder:
         """Keep the Generator while the search settings stay the same; they are fixed per Generator."""
-        if self._decoder is None or options.search_options(1, 1) != self._options.search_options(1, 1):
+        if self._decoder is None or self._options is None or options.sampling != self._options.sampling:
             self._decoder, self._options = self.model.new_decoder(options), options
         return self._decoder
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,18 @@ class GenerationOptions:
             raise Phi3OnnxError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if any(not s for s in self.stop):
             raise Phi3OnnxError("stop strings must not be empty")
+
+    @classmethod
+    def build(cls, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+              stop: str | Sequence[str] | None) -> GenerationOptions:
+        """From keyword arguments; a single stop string is one stop, not its characters."""
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        return cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k), seed, stops)
+
+    @property
+    def sampling(self) -> tuple[float, float, int, int | None]:
+        """What a genai Generator fixes at creation (a chat session keeps it while this is unchanged)."""
+        return (self.temperature, self.top_p, self.top_k, self.seed)
 
     @property
     def greedy(self) -> bool:
