@@ -2,4 +2,64 @@
 
 from __future__ import annotations
 
-from phi3_onnx.cli import app  # noqa: F401
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from phi3_onnx.cli import app
+from phi3_onnx.errors import CheckFailed, Phi3OnnxError
+
+
+class PositionsChoice(str, Enum):
+    start = "start"
+    long = "long"
+
+
+@app.command("eval")
+def eval_(
+    package: Annotated[Path, typer.Argument(help="A package folder, or a bundle (folder of variant folders)")],
+    reference: Annotated[str, typer.Option("--reference", "-r", help="Reference: a package folder (e.g. the fp32-cpu export) or the original checkpoint (needs the torch extra)")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="UTF-8 text file to evaluate on")],
+    max_tokens: Annotated[int, typer.Option(help="Evaluate at most this many tokens (whole windows)")] = 1024,
+    window: Annotated[int, typer.Option(help="Tokens per window (each window starts at position 0)")] = 128,
+    positions: Annotated[PositionsChoice, typer.Option(help="start: windows of --window; long: windows of 2x the original context (LongRoPE)")] = PositionsChoice.start,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (docs/eval-json.md)")] = None,
+    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the report as a Markdown table")] = None,
+    max_ppl_increase: Annotated[Optional[float], typer.Option(help="Override: max perplexity increase, percent")] = None,
+    max_kl: Annotated[Optional[float], typer.Option(help="Override: max mean KL(ref || variant), nats")] = None,
+    min_top1: Annotated[Optional[float], typer.Option(help="Override: min top-1 agreement, 0..1")] = None,
+    require_all: Annotated[bool, typer.Option("--require-all", help="Fail when any variant is skipped")] = False,
+) -> None:
+    """Check quantized variants for accuracy drift against a reference; exit 1 when any is over a limit."""
+    from phi3_onnx.evaluate import EvalOptions, LimitOverrides, evaluate
+    from phi3_onnx.evaluate.render import to_markdown, to_text
+
+    _check_numbers(max_tokens, window, min_top1)
+    limits = LimitOverrides(max_ppl_increase, max_kl, min_top1)
+    options = EvalOptions(data, window, max_tokens, positions.value, limits, require_all)
+    report = evaluate(package, reference, options)
+    typer.echo(to_text(report), nl=False)
+    if json_out:
+        _write(json_out, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+    if markdown_out:
+        _write(markdown_out, to_markdown(report))
+    if not report.passed:
+        raise CheckFailed(report.summary())
+
+
+def _check_numbers(max_tokens: int, window: int, min_top1: float | None) -> None:
+    if max_tokens < 2 or window < 2:
+        raise Phi3OnnxError("--max-tokens and --window must be at least 2")
+    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
+        raise Phi3OnnxError(f"--min-top1 is a fraction in 0..1, got {min_top1}")
+
+
+def _write(path: Path, text: str) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise Phi3OnnxError(f"cannot write {path} ({exc.strerror})") from None

@@ -1,0 +1,114 @@
+"""The drift check: reference logits once, then each variant window by window against them.
+
+Memory stays at one model plus one window: the reference's logits are written per window to a
+temporary folder and the reference is released before the first variant loads; variants load
+one at a time. Disk use is windows x window x vocab x 4 bytes (131 MB for 1024 Phi-3 tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import hashlib
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.evaluate.data import Positions, WindowPlan, plan_windows, tokenize_file
+from phi3_onnx.evaluate.limits import LimitOverrides, check, resolve_limits
+from phi3_onnx.evaluate.metrics import DriftAccumulator, window_stats
+from phi3_onnx.evaluate.report import DataInfo, ReferenceInfo, Report, VariantResult
+from phi3_onnx.evaluate.sources import LogitsSource, PackageSource, choose_ep, open_reference
+from phi3_onnx.evaluate.variants import Variant, discover_variants
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    data: Path
+    window: int = 128
+    max_tokens: int = 1024
+    positions: Positions = "start"
+    limits: LimitOverrides = field(default_factory=LimitOverrides)
+    require_all: bool = False
+
+
+@dataclass(frozen=True)
+class ReferenceLogits:
+    """Per-window reference logits on disk (float32 .npy), read back one window at a time."""
+
+    folder: Path
+    count: int
+
+    @classmethod
+    def build(cls, source: LogitsSource, windows: list[np.ndarray], folder: Path) -> ReferenceLogits:
+        for k, ids in enumerate(windows):
+            np.save(folder / f"window-{k:05d}.npy", source.logits(ids))
+        return cls(folder, len(windows))
+
+    def get(self, k: int) -> np.ndarray:
+        return np.load(self.folder / f"window-{k:05d}.npy")
+
+
+def evaluate(package: Path, reference: str, options: EvalOptions) -> Report:
+    """Evaluate every variant of `package` (a package or a bundle) against `reference`."""
+    variants = discover_variants(Path(package))
+    first = variants.items[0]
+    tokens = tokenize_file(first.path, options.data)
+    plan = plan_windows(int(tokens.size), first.manifest.model, options.window, options.max_tokens, options.positions)
+    windows = list(plan.windows(tokens))
+    with tempfile.TemporaryDirectory(prefix="phi3-onnx-eval-") as tmp:
+        ref_info, ref = _reference_logits(reference, windows, Path(tmp))
+        rows = tuple(evaluate_variant(v, windows, ref, options.limits) for v in variants.items)
+    return Report(str(package), variants.bundle, ref_info, _data_info(options, tokens, plan), rows, options.require_all)
+
+
+def _reference_logits(reference: str, windows: list[np.ndarray], folder: Path) -> tuple[ReferenceInfo, ReferenceLogits]:
+    start = time.perf_counter()
+    source = open_reference(reference)
+    try:
+        cache = ReferenceLogits.build(source, windows, folder)
+    except Exception as exc:  # the reference must run: anything else is bad input, not drift
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise Phi3OnnxError(f"reference {reference} failed to run: {first}") from None
+    info = ReferenceInfo(source.kind, source.path, source.ep, time.perf_counter() - start)
+    del source
+    gc.collect()  # release the reference model before the first variant loads
+    return info, cache
+
+
+def _data_info(options: EvalOptions, tokens: np.ndarray, plan: WindowPlan) -> DataInfo:
+    digest = hashlib.sha256(Path(options.data).read_bytes()).hexdigest()
+    return DataInfo(str(options.data), digest, int(tokens.size), plan.positions, plan.length, plan.count, options.max_tokens)
+
+
+def evaluate_variant(variant: Variant, windows: list[np.ndarray], ref: ReferenceLogits, overrides: LimitOverrides) -> VariantResult:
+    """One report row. A variant that cannot run is skipped when it ran on a fallback EP, an error otherwise."""
+    import onnxruntime as ort
+
+    ep = choose_ep(variant.manifest, ort.get_available_providers())
+    row = VariantResult(variant.name, str(variant.path), variant.manifest.target.name, "pass", None, None,
+                        ep.requested, ep.note, resolve_limits(variant.manifest.target, overrides))
+    t0 = time.perf_counter()
+    try:
+        source = PackageSource.open(variant.path, ep.used)
+        t1 = time.perf_counter()
+        acc = DriftAccumulator()
+        for k, ids in enumerate(windows):
+            acc.add(window_stats(ref.get(k), source.logits(ids), ids))
+    except Exception as exc:  # onnxruntime raises its own exception types for missing kernels
+        return _not_run(row, exc, fallback=ep.note is not None)
+    metrics = acc.result()
+    failures = tuple(check(metrics, row.limits.limits))
+    return dataclasses.replace(row, status="fail" if failures else "pass", ep=ep.used, metrics=metrics,
+                    failures=failures, seconds=time.perf_counter() - t1, load_seconds=t1 - t0)
+
+
+def _not_run(row: VariantResult, exc: Exception, fallback: bool) -> VariantResult:
+    """Skipped (its EP is absent and the CPU EP cannot run it) or error (it fails on its own EP)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    reason = f"cannot run on CPUExecutionProvider: {first}" if fallback else f"failed: {first}"
+    return dataclasses.replace(row, status="skipped" if fallback else "error", reason=reason)
