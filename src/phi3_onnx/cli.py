@@ -43,7 +43,7 @@ def export(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be written and the memory estimate")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")] = False,
     calibration: Annotated[Optional[Path], typer.Option(help="AWQ targets: calibration text file (default: the built-in one)")] = None,
-    calibration_samples: Annotated[Optional[int], typer.Option(help="AWQ targets: calibration sequences (default 16)")] = None,
+    calibration_samples: Annotated[Optional[int], typer.Option(help="AWQ targets: calibration sequences of 256 tokens (default 8)")] = None,
 ) -> None:
     """Export a Phi-3 checkpoint to an ONNX Runtime package (several --target: a bundle, one folder each)."""
     from phi3_onnx.exporters import package

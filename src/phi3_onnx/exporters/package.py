@@ -165,6 +165,20 @@ def temp_folder_for(output: Path) -> Path:
     return tmp
 
 
+def _awq_weights(plan: ExportPlan, calibration: str | None, samples: int | None, progress: bool) -> WeightSource | None:
+    """AWQ's rescaled view of the checkpoint for AWQ targets, else None (imported lazily: needs torch)."""
+    if plan.target.quant is None or plan.target.quant.method != "awq":
+        return None
+    try:
+        from phi3_onnx.quantize import awq
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("torch", "tokenizers"):
+            raise
+        raise Phi3OnnxError("AWQ calibration needs PyTorch: pip install 'phi3-onnx[awq]'") from None
+    return awq.awq_weights(plan.source, plan.spec, plan.target.quant, calibration,
+                           samples or awq.DEFAULT_SAMPLES, progress=progress)
+
+
 def export(
     model: str | os.PathLike,
     target: str | Target,
@@ -176,11 +190,14 @@ def export(
     accuracy_level: int | None = None,
     progress: bool = False,
     weights: WeightSource | None = None,
+    calibration: str | None = None,
+    calibration_samples: int | None = None,
 ) -> Path:
     """Export one checkpoint to one target package folder; returns the folder.
 
     `weights` replaces the checkpoint as the tensor source (the AWQ quantizer passes its
-    rescaled view); by default tensors are streamed from the safetensors files.
+    rescaled view); by default tensors are streamed from the safetensors files. AWQ targets
+    calibrate on `calibration` (a text file; None: the built-in one), `calibration_samples` sequences.
     """
     output = Path(output)
     if output.exists() and not force:
@@ -189,7 +206,8 @@ def export(
                              block_size=block_size, accuracy_level=accuracy_level)
     tmp = temp_folder_for(output)
     try:
-        write_package(plan, weights or ckpt, tmp, progress)
+        weights = weights or _awq_weights(plan, calibration, calibration_samples, progress) or ckpt
+        write_package(plan, weights, tmp, progress)
         commit_folder(tmp, output, force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

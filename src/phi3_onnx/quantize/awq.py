@@ -1,0 +1,302 @@
+"""Activation-aware weight quantization (AWQ) done by phi3-onnx itself, as a pre-pass of the export.
+
+Two steps, like gpt-fast's quantizer:
+
+1. `calibrate` streams the checkpoint one decoder layer at a time: run the calibration hidden
+   states through the layer (PyTorch, float32), record every linear's input statistics, search
+   each linear's input-channel scale s and then its per-block clip values, and move on with the
+   layer's unquantized outputs. Result: a small `AwqLayer` per layer (scales + clip indices).
+2. `AwqWeights` is a `WeightSource`: it reads the checkpoint and returns the rescaled, clipped
+   tensors, which the exporter packs with the ordinary RTN int4 kernel. Clipping a block before
+   packing makes ORT's absmax-based scale equal the clip value.
+
+This module needs PyTorch (the `[awq]` extra); the exporter imports it only for AWQ targets.
+
+Where each scale is folded (the preceding op absorbs 1/s, so the float model is unchanged):
+
+    input_layernorm γ / s_qkv       ──▶ qkv_proj W · diag(s_qkv)
+    v rows of qkv_proj / s_o        ──▶ o_proj W · diag(s_o)
+    post_attention_layernorm γ / s_gu ─▶ gate_up_proj W · diag(s_gu)
+    up rows of gate_up_proj / s_down ──▶ down_proj W · diag(s_down)     (silu(gate) * up is linear in up)
+
+o_proj with grouped-query attention: attention output channel (head h, dim d) is a mix of v
+channel (kv head h // group, d), so one v row feeds `group` o_proj inputs. We tie s_o across the
+query heads sharing a KV head (geometric mean), which keeps the fold exact for any GQA ratio
+(Phi-3-medium: 40 query / 10 KV heads); with num_heads == num_kv_heads the tie does nothing.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint
+from phi3_onnx.progress import task
+from phi3_onnx.spec import ModelSpec
+from phi3_onnx.targets import QuantRecipe
+from phi3_onnx.quantize import torch_phi3 as tp
+from phi3_onnx.quantize.awq_search import SearchGrid, apply_clip, block_gram, search_clip, search_scale
+
+DEFAULT_SAMPLES = 8
+
+
+@dataclass(frozen=True)
+class AwqSettings:
+    """How much calibration data AWQ sees; defaults sized for Phi-3-mini in ~20 min on 2 CPU cores."""
+
+    samples: int = DEFAULT_SAMPLES  # calibration sequences
+    seq_len: int = 256  # tokens per sequence
+    search_tokens: int = 512  # tokens (evenly subsampled) whose output error the scale search measures
+    batch: int = 4  # sequences per forward pass
+    # CPU threads for the search. One, because on a shared 2-core machine OpenMP's spinning made
+    # two threads 5x slower than one (measured; small elementwise ops suffer most).
+    cpu_threads: int = 1
+    grid: SearchGrid = field(default_factory=SearchGrid)
+
+
+# ----------------------------------------------------------------------------- calibration data
+
+
+def calibration_text(path: str | Path | None) -> str:
+    """The user's calibration file, or the one shipped with the package."""
+    if path is None:
+        return resources.files("phi3_onnx.data").joinpath("calibration.txt").read_text(encoding="utf-8")
+    p = Path(path)
+    if not p.is_file():
+        raise Phi3OnnxError(f"calibration file not found: {path}")
+    return p.read_text(encoding="utf-8")
+
+
+def calibration_ids(folder: Path, text: str, settings: AwqSettings) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens, spread evenly over the tokenized text: [samples, seq_len]."""
+    from tokenizers import Tokenizer
+
+    if not (folder / "tokenizer.json").is_file():
+        raise Phi3OnnxError(f"AWQ needs the checkpoint's tokenizer.json to tokenize calibration text ({folder})")
+    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+    n = min(settings.samples, len(ids) // settings.seq_len)
+    if n < 1:
+        raise Phi3OnnxError(f"calibration text has {len(ids)} tokens; AWQ needs at least {settings.seq_len}")
+    starts = np.linspace(0, len(ids) - settings.seq_len, n).round().astype(int)
+    return torch.tensor([ids[s:s + settings.seq_len] for s in starts], dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@dataclass
+class LinearStats:
+    """What the searches need about one linear's input: mean |x|, block Gram matrices, a token sample."""
+
+    abs_sum: torch.Tensor
+    gram: torch.Tensor
+    sample: list[torch.Tensor] = field(default_factory=list)
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor, block: int, stride: int) -> None:
+        self.abs_sum += x.abs().sum(0)
+        self.gram += block_gram(x, block)
+        self.sample.append(x[::stride].clone())
+        self.tokens += x.shape[0]
+
+    @property
+    def x_mean(self) -> torch.Tensor:
+        return self.abs_sum / self.tokens
+
+    def x_sample(self) -> torch.Tensor:
+        return torch.cat(self.sample)
+
+
+def run_layer(spec: ModelSpec, w: tp.LayerWeights, x: torch.Tensor, rope: tp.Rotary, block: int, settings: AwqSettings) -> tuple[torch.Tensor, dict[str, LinearStats]]:
+    """The layer's outputs for all calibration sequences, and the statistics of each linear's input."""
+    stats: dict[str, LinearStats] = {}
+    stride = max(1, x.shape[0] * x.shape[1] // settings.search_tokens)
+
+    def observe(name: str, inp: torch.Tensor) -> None:
+        if name not in stats:
+            k = inp.shape[1]
+            stats[name] = LinearStats(inp.new_zeros(k), inp.new_zeros(k // block, block, block))
+        stats[name].add(inp, block, stride)
+
+    outs = [tp.layer_forward(spec, w, x[i:i + settings.batch], rope, observe) for i in range(0, x.shape[0], settings.batch)]
+    return torch.cat(outs), stats
+
+
+# ----------------------------------------------------------------------------- folding
+
+
+@dataclass
+class LayerScales:
+    """Input-channel scales of a layer's four linears (o_proj's tied across query heads of a KV head)."""
+
+    qkv: torch.Tensor  # [hidden]
+    o: torch.Tensor  # [hidden]
+    gate_up: torch.Tensor  # [hidden]
+    down: torch.Tensor  # [intermediate]
+
+
+def tie_heads(spec: ModelSpec, s: torch.Tensor) -> torch.Tensor:
+    """Geometric mean of s over the query heads that share a KV head, broadcast back: [hidden]."""
+    group = spec.num_heads // spec.num_kv_heads
+    if group == 1:
+        return s
+    g = s.log().view(spec.num_kv_heads, group, spec.head_dim).mean(1, keepdim=True)
+    return g.exp().expand(-1, group, -1).reshape(-1)
+
+
+def v_row_scale(spec: ModelSpec, s_o: torch.Tensor) -> torch.Tensor:
+    """The per-v-row divisor [kv_dim] that o_proj's tied scale folds into."""
+    group = spec.num_heads // spec.num_kv_heads
+    return s_o.view(spec.num_kv_heads, group, spec.head_dim)[:, 0].reshape(-1)
+
+
+def fold(spec: ModelSpec, name: str, w: torch.Tensor, s: LayerScales) -> torch.Tensor:
+    """One layer tensor (name inside the layer, without '.weight') with the scales folded in."""
+    h, i = spec.hidden_size, spec.intermediate_size
+    if name == "input_layernorm":
+        return w / s.qkv
+    if name == "post_attention_layernorm":
+        return w / s.gate_up
+    if name == "self_attn.qkv_proj":
+        w = w * s.qkv
+        w[h + spec.kv_dim:] /= v_row_scale(spec, s.o)[:, None]
+        return w
+    if name == "mlp.gate_up_proj":
+        w = w * s.gate_up
+        w[i:] /= s.down[:, None]
+        return w
+    return w * (s.o if name == "self_attn.o_proj" else s.down)
+
+
+# ----------------------------------------------------------------------------- per-layer search
+
+
+@dataclass
+class AwqLayer:
+    """Everything AWQ decided for one layer: the scales and, per linear, each block's clip index."""
+
+    scales: LayerScales
+    clip: dict[str, torch.Tensor]  # linear name -> uint8 [out, in / block] index into grid.shrink_factors()
+
+
+def search_layer_scales(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, LinearStats], block: int, grid: SearchGrid) -> LayerScales:
+    """Each linear's best input scale, searched on the original (unscaled) weights as AutoAWQ does."""
+    def search(name: str, weight: torch.Tensor, tie=lambda s: s) -> torch.Tensor:
+        st = stats[name]
+        return search_scale(weight, tie(st.x_mean), st.x_sample(), block, grid, tie)
+
+    return LayerScales(
+        qkv=search("self_attn.qkv_proj", w.qkv_proj),
+        o=search("self_attn.o_proj", w.o_proj, lambda s: tie_heads(spec, s)),
+        gate_up=search("mlp.gate_up_proj", w.gate_up_proj),
+        down=search("mlp.down_proj", w.down_proj),
+    )
+
+
+def _input_scale(s: LayerScales, name: str) -> torch.Tensor:
+    return {"self_attn.qkv_proj": s.qkv, "self_attn.o_proj": s.o, "mlp.gate_up_proj": s.gate_up, "mlp.down_proj": s.down}[name]
+
+
+def search_layer_clips(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, LinearStats], s: LayerScales, block: int, grid: SearchGrid) -> dict[str, torch.Tensor]:
+    """Clip indices for the folded weights, against the Gram of the correspondingly scaled inputs."""
+    clips = {}
+    for name in tp.LINEARS:
+        folded = fold(spec, name, getattr(w, name.split(".")[1]), s)
+        inv = (1.0 / _input_scale(s, name)).view(-1, block)
+        gram = stats[name].gram * inv[:, :, None] * inv[:, None, :]
+        clips[name] = search_clip(folded, gram, block, grid).cpu()
+    return clips
+
+
+def calibrate_layer(spec: ModelSpec, ckpt: SafetensorsCheckpoint, layer: int, x: torch.Tensor, rope: tp.Rotary,
+                    block: int, settings: AwqSettings) -> tuple[AwqLayer, torch.Tensor]:
+    """Search one layer; return its decisions and its unquantized outputs (the next layer's inputs)."""
+    w = tp.load_layer(ckpt, layer, x.device)
+    out, stats = run_layer(spec, w, x, rope, block, settings)
+    scales = search_layer_scales(spec, w, stats, block, settings.grid)
+    clips = search_layer_clips(spec, w, stats, scales, block, settings.grid)
+    cpu = LayerScales(*(t.cpu() for t in (scales.qkv, scales.o, scales.gate_up, scales.down)))
+    return AwqLayer(cpu, clips), out
+
+
+# ----------------------------------------------------------------------------- the weight source
+
+
+_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+
+
+class AwqWeights:
+    """A `WeightSource`: the checkpoint's tensors with AWQ's scales folded in and clipping applied."""
+
+    def __init__(self, ckpt: SafetensorsCheckpoint, spec: ModelSpec, layers: list[AwqLayer], block: int, grid: SearchGrid, clip: bool = True):
+        self.ckpt, self.spec, self.layers, self.block, self.grid, self.clip = ckpt, spec, layers, block, grid, clip
+
+    def read(self, name: str) -> np.ndarray:
+        m = _LAYER_TENSOR.fullmatch(name)
+        if m is None:
+            return self.ckpt.read(name)
+        layer, inner = self.layers[int(m.group(1))], m.group(2)
+        w = fold(self.spec, inner, torch.from_numpy(self.ckpt.read(name)), layer.scales)
+        if self.clip and inner in layer.clip:
+            w = apply_clip(w, layer.clip[inner], self.block, self.grid)
+        return w.numpy().astype(np.float32, copy=False)
+
+    def without_clipping(self) -> AwqWeights:
+        """The scaled weights only: the float model is exactly the original one (tests check this)."""
+        return AwqWeights(self.ckpt, self.spec, self.layers, self.block, self.grid, clip=False)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@contextmanager
+def _cpu_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def calibrate(folder: Path, spec: ModelSpec, block: int, text: str, settings: AwqSettings, progress: bool = False) -> list[AwqLayer]:
+    """Step 1: stream the layers, searching each one on the previous layer's unquantized outputs."""
+    ckpt = SafetensorsCheckpoint(folder)
+    ids = calibration_ids(folder, text, settings)
+    device = _device()
+    x = torch.from_numpy(ckpt.read("model.embed_tokens.weight"))[ids].to(device)
+    rope = tp.rotary_for(spec, ids.shape[1], device)
+    layers = []
+    title = f"AWQ calibration ({ids.shape[0]} x {ids.shape[1]} tokens)"
+    with torch.inference_mode(), _cpu_threads(settings.cpu_threads), task(title, spec.num_layers, progress) as advance:
+        for i in range(spec.num_layers):
+            layer, x = calibrate_layer(spec, ckpt, i, x, rope, block, settings)
+            layers.append(layer)
+            advance(1)
+    return layers
+
+
+def awq_weights(checkpoint_folder: str | Path, spec: ModelSpec, recipe: QuantRecipe, calibration: str | None = None,
+                samples: int = DEFAULT_SAMPLES, *, settings: AwqSettings | None = None, progress: bool = False) -> AwqWeights:
+    """Calibrate on `calibration` (a text file; None: the built-in one) and return AWQ's weight source."""
+    if not recipe.symmetric:
+        raise Phi3OnnxError("AWQ supports symmetric int4 only (its search emulates ORT's symmetric packer)")
+    folder = Path(checkpoint_folder)
+    settings = replace(settings or AwqSettings(), samples=samples)
+    layers = calibrate(folder, spec, recipe.block_size, calibration_text(calibration), settings, progress)
+    return AwqWeights(SafetensorsCheckpoint(folder), spec, layers, recipe.block_size, settings.grid)
+
+
+__all__ = ["AwqLayer", "AwqSettings", "AwqWeights", "DEFAULT_SAMPLES", "awq_weights", "calibrate"]

@@ -1,0 +1,134 @@
+"""AWQ's two searches for one linear layer, in PyTorch: the input-channel scale, then per-block clipping.
+
+Both minimise the layer's output error after int4 rounding, emulating ONNX Runtime's symmetric
+block quantizer (`fake_int4`) so the search optimises what MatMulNBits will actually compute.
+
+* scale: s = x_mean^r / w_mean^(1-r) over a grid of r (plus s = 1, so AWQ never loses to RTN on
+  the objective); error ||X W^T - (X/s) Q(W s)^T||^2 on a token and output-row subsample.
+* clip: per output row and block, the absmax shrink c = f * max|w| minimising the block's output
+  error dw^T H_g dw, with H_g = X_g^T X_g the block's Gram matrix over every calibration token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SearchGrid:
+    """Grid sizes and the subsample that bounds the scale search's cost."""
+
+    scale_points: int = 20
+    clip_points: int = 20
+    max_shrink: float = 0.5  # clip values go from max|w| down to (1 - max_shrink) * max|w|
+    search_rows: int = 512  # output rows (evenly spaced) whose error the scale search measures
+
+    def shrink_factors(self, device: torch.device | None = None) -> torch.Tensor:
+        """The clip grid as fractions of each block's absmax (index 0 = no clipping)."""
+        steps = torch.arange(self.clip_points, dtype=torch.float32, device=device)
+        return 1.0 - self.max_shrink * steps / self.clip_points
+
+
+def fake_int4(w: torch.Tensor, block: int) -> torch.Tensor:
+    """Quantize-dequantize [N, K] like ORT's symmetric MatMulNBits packer.
+
+    The block's signed value of largest magnitude (the negative one on a tie) maps to code -8;
+    codes span -8..7, so scale = -m / 8.
+    """
+    wb = w.reshape(*w.shape[:-1], -1, block)
+    hi, lo = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
+    scale = torch.where(hi > -lo, hi, lo) / -8.0
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+    q = torch.round(wb * inv).clamp_(-8, 7)
+    return (q * scale).reshape(w.shape)
+
+
+def _row_subset(n: int, rows: int, device: torch.device) -> torch.Tensor:
+    return torch.linspace(0, n - 1, min(n, rows), device=device).round().long()
+
+
+def _normalized_weight_mean(w: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over rows of |w| relative to its block's absmax: AWQ's per-channel weight salience."""
+    wb = w.abs().reshape(w.shape[0], -1, block)
+    return (wb / wb.amax(-1, keepdim=True).clamp_min(1e-6)).reshape(w.shape).mean(0)
+
+
+def _output_error(w: torch.Tensor, x: torch.Tensor, ref: torch.Tensor, s: torch.Tensor, block: int) -> float:
+    out = (x / s) @ fake_int4(w * s, block).T
+    return float((out - ref).pow(2).sum())
+
+
+def scale_candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, points: int, tie: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+    """s = 1, then x_mean^r / w_mean^(1-r) for r in [0, 1), each normalised to geometric-mean-ish 1."""
+    out = [torch.ones_like(x_mean)]
+    for i in range(points):
+        r = i / points
+        s = tie((x_mean.pow(r) / (w_mean.pow(1 - r) + 1e-4)).clamp_min(1e-4))
+        s = s / (s.max() * s.min()).sqrt()
+        out.append(torch.nan_to_num(s, nan=1.0, posinf=1.0))
+    return out
+
+
+def search_scale(w: torch.Tensor, x_mean: torch.Tensor, x: torch.Tensor, block: int, grid: SearchGrid,
+                 tie: Callable[[torch.Tensor], torch.Tensor] = lambda s: s) -> torch.Tensor:
+    """The input-channel scale [K] with the least output error on the sample x [T, K]."""
+    w = w[_row_subset(w.shape[0], grid.search_rows, w.device)]
+    ref = x @ w.T
+    candidates = scale_candidates(x_mean, _normalized_weight_mean(w, block), grid.scale_points, tie)
+    errors = [_output_error(w, x, ref, s, block) for s in candidates]
+    return candidates[min(range(len(errors)), key=errors.__getitem__)]
+
+
+def block_gram(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Per-block Gram matrices [K/block, block, block] of x [T, K]."""
+    xb = x.reshape(x.shape[0], -1, block).transpose(0, 1)
+    return xb.transpose(1, 2) @ xb
+
+
+def _block_errors(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """dw^T H_g dw for every row and block: dw [n, G, b], gram [G, b, b] -> [n, G]."""
+    d = dw.transpose(0, 1)
+    return ((d @ gram) * d).sum(-1).T
+
+
+def _clipped_dequant_error(wb: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fake_int4(clamp(wb, -c, c)) - wb without materialising the clamp.
+
+    Clamping to ±c makes the block's extremes min(hi, c) and max(lo, -c), so the scale comes from
+    [n, G, 1] tensors; codes beyond ±8 saturate exactly as the clamped values would.
+    """
+    hi_c, lo_c = torch.minimum(hi, c), torch.maximum(lo, -c)
+    scale = torch.where(hi_c > -lo_c, hi_c, lo_c) / -8.0
+    inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
+    q = torch.round(wb * inv).clamp_(-8, 7)
+    return q.mul_(scale).sub_(wb)
+
+
+def search_clip(w: torch.Tensor, gram: torch.Tensor, block: int, grid: SearchGrid, chunk: int = 256) -> torch.Tensor:
+    """Index into `grid.shrink_factors()` per (row, block) [N, K/block], uint8.
+
+    Rows go in small chunks so every grid point's temporaries stay in the CPU cache.
+    """
+    factors = grid.shrink_factors(w.device)
+    best = torch.zeros(w.shape[0], w.shape[1] // block, dtype=torch.uint8, device=w.device)
+    for r0 in range(0, w.shape[0], chunk):
+        wb = w[r0:r0 + chunk].reshape(-1, w.shape[1] // block, block)
+        hi, lo = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
+        amax = torch.maximum(hi, -lo)
+        best_err = torch.full(best[r0:r0 + chunk].shape, float("inf"), device=w.device)
+        for i, f in enumerate(factors):
+            err = _block_errors(_clipped_dequant_error(wb, hi, lo, amax * f), gram)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best[r0:r0 + chunk][better] = i
+    return best
+
+
+def apply_clip(w: torch.Tensor, shrink_index: torch.Tensor, block: int, grid: SearchGrid) -> torch.Tensor:
+    """Clamp each block to its chosen fraction of its absmax (ORT's absmax scale then equals the clip)."""
+    wb = w.reshape(w.shape[0], -1, block)
+    c = wb.abs().amax(-1, keepdim=True) * grid.shrink_factors(w.device)[shrink_index.long()].unsqueeze(-1)
+    return torch.minimum(torch.maximum(wb, -c), c).reshape(w.shape)

@@ -1,0 +1,117 @@
+"""A Phi-3 decoder layer in a few PyTorch functions, for AWQ calibration (needs the `[awq]` extra).
+
+AWQ streams the model one layer at a time: it loads one layer's weights from the safetensors,
+runs the calibration hidden states through it, and lets an observer see every linear's input.
+The maths matches transformers' Phi3DecoderLayer (tests/test_awq.py checks it against transformers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint
+from phi3_onnx.exporters.rope import rope_caches
+from phi3_onnx.spec import ModelSpec
+
+# The four linears of a layer, by the name of their Hugging Face weight inside the layer.
+LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+Observer = Callable[[str, torch.Tensor], None]  # (linear name, its input [tokens, in_features])
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer's float32 tensors, Hugging Face layout ([out, in] for linears)."""
+
+    input_layernorm: torch.Tensor
+    qkv_proj: torch.Tensor
+    o_proj: torch.Tensor
+    post_attention_layernorm: torch.Tensor
+    gate_up_proj: torch.Tensor
+    down_proj: torch.Tensor
+
+
+def layer_prefix(layer: int) -> str:
+    return f"model.layers.{layer}."
+
+
+def load_layer(ckpt: SafetensorsCheckpoint, layer: int, device: torch.device) -> LayerWeights:
+    """Read one layer from the checkpoint, widened to float32."""
+    p = layer_prefix(layer)
+
+    def t(name: str) -> torch.Tensor:
+        return torch.from_numpy(ckpt.read(p + name + ".weight")).to(device)
+
+    return LayerWeights(
+        t("input_layernorm"), t("self_attn.qkv_proj"), t("self_attn.o_proj"),
+        t("post_attention_layernorm"), t("mlp.gate_up_proj"), t("mlp.down_proj"),
+    )
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """cos/sin tables [positions, head_dim] for one calibration sequence length."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
+def rotary_for(spec: ModelSpec, seq_len: int, device: torch.device) -> Rotary:
+    """The graph's own caches; LongRoPE takes the long rows once the sequence passes the original context."""
+    cos, sin = rope_caches(spec)
+    start = spec.original_max_position_embeddings if spec.longrope and seq_len > spec.original_max_position_embeddings else 0
+    cos, sin = (torch.from_numpy(a[start:start + seq_len]).to(device) for a in (cos, sin))
+    return Rotary(torch.cat([cos, cos], -1), torch.cat([sin, sin], -1))
+
+
+def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
+    return gamma * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rotate(x: torch.Tensor, rope: Rotary) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * rope.cos + rotated * rope.sin
+
+
+def _causal_mask(spec: ModelSpec, seq_len: int, device: torch.device) -> torch.Tensor | None:
+    """None (plain causal) unless the sliding window is shorter than the sequence."""
+    window = spec.attention_window
+    if window is None or window >= seq_len:
+        return None
+    pos = torch.arange(seq_len, device=device)
+    dist = pos[:, None] - pos[None, :]
+    return (dist >= 0) & (dist < window)
+
+
+def attention(spec: ModelSpec, qkv: torch.Tensor, rope: Rotary) -> torch.Tensor:
+    """Causal GQA over packed qkv [batch, seq, qkv_dim] -> [batch, seq, hidden]."""
+    b, n, _ = qkv.shape
+    hd = spec.head_dim
+    q, k, v = qkv.split([spec.hidden_size, spec.kv_dim, spec.kv_dim], -1)
+    q = _rotate(q.view(b, n, spec.num_heads, hd).transpose(1, 2), rope)
+    k = _rotate(k.view(b, n, spec.num_kv_heads, hd).transpose(1, 2), rope)
+    v = v.view(b, n, spec.num_kv_heads, hd).transpose(1, 2)
+    mask = _causal_mask(spec, n, qkv.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    return out.transpose(1, 2).reshape(b, n, spec.hidden_size)
+
+
+def layer_forward(spec: ModelSpec, w: LayerWeights, x: torch.Tensor, rope: Rotary, observe: Observer | None = None) -> torch.Tensor:
+    """One decoder layer on hidden states [batch, seq, hidden]; `observe` sees each linear's input."""
+    def linear(name: str, inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if observe is not None:
+            observe(name, inp.reshape(-1, inp.shape[-1]))
+        return inp @ weight.T
+
+    h = rms_norm(x, w.input_layernorm, spec.rms_norm_eps)
+    attn = attention(spec, linear("self_attn.qkv_proj", h, w.qkv_proj), rope)
+    x = x + linear("self_attn.o_proj", attn, w.o_proj)
+    h = rms_norm(x, w.post_attention_layernorm, spec.rms_norm_eps)
+    gate, up = linear("mlp.gate_up_proj", h, w.gate_up_proj).chunk(2, -1)
+    return x + linear("mlp.down_proj", F.silu(gate) * up, w.down_proj)
