@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -207,3 +208,19 @@ def test_missing_package_or_reference_exits_2(tmp_path, int4, fp32, capsys):
     assert main(["eval", str(tmp_path / "nope"), "--reference", str(fp32), *FAST]) == 2
     assert main(["eval", str(int4), "--reference", str(tmp_path), *FAST]) == 2
     assert "neither a package" in capsys.readouterr().err
+
+
+def test_package_reference_needs_no_torch_and_no_exporter(int4, fp32):
+    """CI checks packages with only the runtime installed: the eval imports no torch, transformers or exporter."""
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from phi3_onnx.evaluate import EvalOptions, evaluate\n"
+        f"r = evaluate(Path({str(int4)!r}), {str(fp32)!r}, EvalOptions(Path({str(HELDOUT)!r}), max_tokens=128))\n"
+        "assert r.passed, r.summary()\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')\n"
+        "             or m.startswith(('phi3_onnx.exporters', 'phi3_onnx.quantize')))\n"
+        "print('IMPORTED', bad)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "IMPORTED []" in out.stdout

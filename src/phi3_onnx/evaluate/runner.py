@@ -62,6 +62,7 @@ def evaluate(package: Path, reference: str, options: EvalOptions) -> Report:
     windows = list(plan.windows(tokens))
     with tempfile.TemporaryDirectory(prefix="phi3-onnx-eval-") as tmp:
         ref_info, ref = _reference_logits(reference, windows, Path(tmp))
+        _check_vocab(ref, first)
         rows = tuple(evaluate_variant(v, windows, ref, options.limits) for v in variants.items)
     return Report(str(package), variants.bundle, ref_info, _data_info(options, tokens, plan), rows, options.require_all)
 
@@ -78,6 +79,12 @@ def _reference_logits(reference: str, windows: list[np.ndarray], folder: Path) -
     del source
     gc.collect()  # release the reference model before the first variant loads
     return info, cache
+
+
+def _check_vocab(ref: ReferenceLogits, variant: Variant) -> None:
+    vocab = ref.get(0).shape[-1]
+    if vocab != variant.manifest.model.vocab_size:
+        raise Phi3OnnxError(f"reference has {vocab} logits per token, {variant.name} has {variant.manifest.model.vocab_size}: not the same model")
 
 
 def _data_info(options: EvalOptions, tokens: np.ndarray, plan: WindowPlan) -> DataInfo:
