@@ -22,7 +22,7 @@ from phi3_onnx.evaluate.data import Positions, WindowPlan, plan_windows, tokeniz
 from phi3_onnx.evaluate.limits import LimitOverrides, check, resolve_limits
 from phi3_onnx.evaluate.metrics import DriftAccumulator, window_stats
 from phi3_onnx.evaluate.report import DataInfo, ReferenceInfo, Report, VariantResult
-from phi3_onnx.evaluate.sources import LogitsSource, PackageSource, choose_ep, open_reference
+from phi3_onnx.evaluate.sources import LogitsSource, PackageSource, choose_ep, first_line, open_reference
 from phi3_onnx.evaluate.variants import Variant, discover_variants
 
 
@@ -73,8 +73,7 @@ def _reference_logits(reference: str, windows: list[np.ndarray], folder: Path) -
     try:
         cache = ReferenceLogits.build(source, windows, folder)
     except Exception as exc:  # the reference must run: anything else is bad input, not drift
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise Phi3OnnxError(f"reference {reference} failed to run: {first}") from None
+        raise Phi3OnnxError(f"reference {reference} failed to run: {first_line(exc)}") from None
     info = ReferenceInfo(source.kind, source.path, source.ep, time.perf_counter() - start)
     del source
     gc.collect()  # release the reference model before the first variant loads
@@ -116,6 +115,5 @@ def evaluate_variant(variant: Variant, windows: list[np.ndarray], ref: Reference
 
 def _not_run(row: VariantResult, exc: Exception, fallback: bool) -> VariantResult:
     """Skipped (its EP is absent and the CPU EP cannot run it) or error (it fails on its own EP)."""
-    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-    reason = f"cannot run on CPUExecutionProvider: {first}" if fallback else f"failed: {first}"
+    reason = f"cannot run on CPUExecutionProvider: {first_line(exc)}" if fallback else f"failed: {first_line(exc)}"
     return dataclasses.replace(row, status="skipped" if fallback else "error", reason=reason)

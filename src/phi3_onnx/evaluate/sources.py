@@ -103,21 +103,11 @@ class CheckpointSource:
 
     @classmethod
     def open(cls, checkpoint: str) -> CheckpointSource:
+        torch, model_class = _import_torch(checkpoint)
         try:
-            import torch
-            from transformers import Phi3ForCausalLM
-            from transformers.utils import logging as hf_logging
-        except ImportError:
-            raise Phi3OnnxError(
-                f"--reference {checkpoint} is a checkpoint, which needs PyTorch: {TORCH_HINT} "
-                "(or pass an exported fp32-cpu package as --reference)"
-            ) from None
-        hf_logging.disable_progress_bar()
-        try:
-            model = Phi3ForCausalLM.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
+            model = model_class.from_pretrained(checkpoint, dtype=torch.float32, attn_implementation="eager")
         except (OSError, ValueError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-            raise Phi3OnnxError(f"--reference {checkpoint}: cannot load the checkpoint ({first})") from None
+            raise Phi3OnnxError(f"--reference {checkpoint}: cannot load the checkpoint ({first_line(exc)})") from None
         return cls(str(checkpoint), model.eval())
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
@@ -128,11 +118,36 @@ class CheckpointSource:
         return out[0].float().numpy()
 
 
+def _import_torch(checkpoint: str) -> tuple[Any, Any]:
+    """torch and Phi3ForCausalLM, imported only for a checkpoint reference (the optional torch extra)."""
+    try:
+        import torch
+        from transformers import Phi3ForCausalLM
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        raise Phi3OnnxError(
+            f"--reference {checkpoint} is a checkpoint, which needs PyTorch: {TORCH_HINT} "
+            "(or pass an exported fp32-cpu package as --reference)"
+        ) from None
+    hf_logging.disable_progress_bar()
+    return torch, Phi3ForCausalLM
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one short line (onnxruntime messages run over many)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
 def open_reference(reference: str) -> LogitsSource:
     """A package folder (has manifest.json) runs on its target's EP; anything else is a checkpoint."""
     path = Path(reference)
     if (path / MANIFEST).is_file():
-        return PackageSource.open(path, _reference_ep(path))
+        try:
+            return PackageSource.open(path, _reference_ep(path))
+        except Phi3OnnxError:
+            raise
+        except Exception as exc:  # onnxruntime's own exception types
+            raise Phi3OnnxError(f"--reference {reference}: cannot load the package ({first_line(exc)})") from None
     if path.is_dir() and not (path / "config.json").is_file():
         raise Phi3OnnxError(f"--reference {reference} is neither a package (manifest.json) nor a checkpoint (config.json)")
     if not path.exists() and reference.count("/") != 1:
