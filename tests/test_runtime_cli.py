@@ -139,3 +139,9 @@ def test_runtime_imports_no_exporter_or_quantizer(pkg):
     )
     out = subprocess.run([sys.executable, "-c", code, str(pkg)], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_missing_runtime_names_the_extra(capsys, monkeypatch, pkg):
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as if not installed
+    err = one_line_error(capsys, ["generate", pkg, "-p", "hi"])
+    assert "onnxruntime-genai is not installed" in err and "phi3-onnx[cpu]" in err and "[cuda]" in err

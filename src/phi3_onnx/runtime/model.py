@@ -79,13 +79,14 @@ class Phi3Model:
         return ids
 
     # --- generation ------------------------------------------------------------------------
-    def new_decoder(self, options: GenerationOptions) -> Decoder:
+    def new_decoder(self, options: GenerationOptions, prompt_length: int = 0) -> Decoder:
         """A fresh Generator with `options`' search settings (one per call or chat session)."""
         og = import_genai()
+        search = options.search_options(self.max_length, self.manifest.model.vocab_size, prompt_length)
 
         def params() -> Any:
             p = og.GeneratorParams(self._og)
-            p.set_search_options(**options.search_options(self.max_length, self.manifest.model.vocab_size))
+            p.set_search_options(**search)
             return p
 
         rope = self.manifest.model.longrope
@@ -135,11 +136,12 @@ class Phi3Model:
             yield text[len(shown):]
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> str:
+                 top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (), min_new_tokens: int = 0) -> str:
         """The completion as one string (decoded in one go from its token ids)."""
-        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens)
         ids: list[int] = []
-        tokens = self.token_ids(self.new_decoder(options), self.prompt_ids(prompt), options)
+        prompt_ids = self.prompt_ids(prompt)
+        tokens = self.token_ids(self.new_decoder(options, len(prompt_ids)), prompt_ids, options)
         for _ in self.stream_text(tokens, options, ids):
             pass
         text = self.decode(ids)
@@ -147,12 +149,13 @@ class Phi3Model:
         return text[:cut] if cut >= 0 else text
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> Iterator[str]:
+               top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
+               min_new_tokens: int = 0) -> Iterator[str]:
         """The completion as text pieces, yielded as tokens are generated (bad input raises here, not later)."""
-        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens)
         ids = self.prompt_ids(prompt)
         self.check_room(len(ids))
-        return self.stream_text(self.token_ids(self.new_decoder(options), ids, options), options, [])
+        return self.stream_text(self.token_ids(self.new_decoder(options, len(ids)), ids, options), options, [])
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)

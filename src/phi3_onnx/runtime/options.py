@@ -11,7 +11,8 @@ from phi3_onnx.errors import Phi3OnnxError
 
 @dataclass(frozen=True)
 class GenerationOptions:
-    """temperature 0 is greedy; top_k 0 means no top-k cut; stop strings end generation (not included)."""
+    """temperature 0 is greedy; top_k 0 means no top-k cut; stop strings end generation (not included);
+    min_new_tokens suppresses the end tokens until that many were generated (like transformers')."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -19,6 +20,7 @@ class GenerationOptions:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -29,15 +31,17 @@ class GenerationOptions:
             raise Phi3OnnxError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise Phi3OnnxError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise Phi3OnnxError(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens}")
         if any(not s for s in self.stop):
             raise Phi3OnnxError("stop strings must not be empty")
 
     @classmethod
     def build(cls, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-              stop: str | Sequence[str] | None) -> GenerationOptions:
+              stop: str | Sequence[str] | None, min_new_tokens: int = 0) -> GenerationOptions:
         """From keyword arguments; a single stop string is one stop, not its characters."""
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k), seed, stops)
+        return cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k), seed, stops, int(min_new_tokens))
 
     @property
     def sampling(self) -> tuple[float, float, int, int | None]:
@@ -48,14 +52,14 @@ class GenerationOptions:
     def greedy(self) -> bool:
         return self.temperature == 0
 
-    def search_options(self, max_length: int, vocab_size: int) -> dict[str, Any]:
-        """genai GeneratorParams.set_search_options keywords."""
+    def search_options(self, max_length: int, vocab_size: int, prompt_length: int = 0) -> dict[str, Any]:
+        """genai GeneratorParams.set_search_options keywords (min_length counts the prompt too)."""
+        opts: dict[str, Any] = {"max_length": max_length, "do_sample": not self.greedy}
+        if self.min_new_tokens:
+            opts["min_length"] = min(prompt_length + self.min_new_tokens, max_length)
         if self.greedy:
-            return {"max_length": max_length, "do_sample": False}
-        opts: dict[str, Any] = {
-            "max_length": max_length, "do_sample": True, "temperature": float(self.temperature),
-            "top_p": float(self.top_p), "top_k": self.top_k or vocab_size,
-        }
+            return opts
+        opts.update(temperature=float(self.temperature), top_p=float(self.top_p), top_k=self.top_k or vocab_size)
         if self.seed is not None:
             opts["random_seed"] = int(self.seed)
         return opts
