@@ -67,3 +67,11 @@ def test_bundle_bad_targets_fail_before_writing(capsys, tiny_ckpt, tmp_path):
         err = capsys.readouterr().err
         assert needle in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_info_on_bundle(capsys, bundle):
+    assert main(["info", str(bundle)]) == 0
+    out = capsys.readouterr().out
+    assert "2 variants: int4-cpu, fp32-cpu" in out and "variant:    int4-cpu" in out and "provider:   cpu" in out
+    assert main(["info", str(bundle), "--variant", "fp32-cpu"]) == 0
+    assert "target:     fp32-cpu" in capsys.readouterr().out

@@ -145,3 +145,15 @@ def test_missing_runtime_names_the_extra(capsys, monkeypatch, pkg):
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)  # as if not installed
     err = one_line_error(capsys, ["generate", pkg, "-p", "hi"])
     assert "onnxruntime-genai is not installed" in err and "phi3-onnx[cpu]" in err and "[cuda]" in err
+
+
+def test_example_app_runs(pkg):
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "desktop_chat.py"
+    out = subprocess.run([sys.executable, str(script), str(pkg)], input="What does a compiler do?\n",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("loaded int4-cpu on cpu")
+    bad = subprocess.run([sys.executable, str(script), str(pkg) + "-missing"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "does not exist" in bad.stderr
