@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from phi3_onnx.errors import Phi3OnnxError
@@ -287,13 +288,9 @@ class SafetensorsCheckpoint:
             f.seek(e.begin)
             if f.readinto(raw) != len(raw):
                 raise Phi3OnnxError(f"{e.file.name} is truncated at tensor {name}")
-        if e.dtype == "BF16":
-            wide = np.frombuffer(raw, dtype="<u2").astype(np.uint32) << 16
-            arr = wide.view(np.float32)
-        else:
-            arr = np.frombuffer(raw, dtype=_DTYPES[e.dtype][0])
-        arr = arr.reshape(e.shape)
-        return arr if arr.dtype == np.dtype(dtype) and arr.flags.writeable else arr.astype(dtype)
+        stored = ml_dtypes.bfloat16 if e.dtype == "BF16" else _DTYPES[e.dtype][0]
+        arr = np.frombuffer(raw, dtype=stored).reshape(e.shape)
+        return arr if arr.dtype == np.dtype(dtype) else arr.astype(dtype)
 
 
 def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

@@ -32,6 +32,7 @@ AUX_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
     "tokenizer.model", "chat_template.jinja", "generation_config.json", "config.json",
 )
+SAVE_WORKERS = 2
 LICENSE_GLOBS = ("LICENSE*", "README*", "NOTICE*", "CODE_OF_CONDUCT*")
 
 
@@ -135,8 +136,9 @@ def write_package(plan: ExportPlan, weights: WeightSource, dest: Path, progress:
     model = build_model(plan.spec, plan.target, weights)
     total = len(model.graph.initializers)
     with task(f"Writing {plan.target.name} weights", total, progress) as advance:
-        ir.save(model, dest / "model.onnx", external_data="model.onnx.data",
-                callback=lambda tensor, info: advance(1))
+        # two workers: one reads/widens a tensor while the other quantizes (both release the GIL)
+        ir.save(model, dest / "model.onnx", external_data="model.onnx.data", max_workers=SAVE_WORKERS,
+                max_in_flight_bytes=1 << 30, callback=lambda tensor, info: advance(1))
     config = genai_config(plan.spec, plan.target, plan.max_length)
     (dest / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
     _copy_aux(plan.source, dest)
