@@ -157,3 +157,11 @@ def test_example_app_runs(pkg):
     assert out.stdout.startswith("loaded int4-cpu on cpu")
     bad = subprocess.run([sys.executable, str(script), str(pkg) + "-missing"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "does not exist" in bad.stderr
+
+
+def test_chat_over_max_length_keeps_session(capsys, monkeypatch, pkg):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n" + "word " * 80 + "\n/reset\nhi\n"))
+    assert main(["chat", str(pkg), "--max-new-tokens", "4", "--max-length", "48"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("loaded with max_length=48") == 1 and "/reset" in captured.err
+    assert captured.out.count("\n") == 2  # the two "hi" turns were answered

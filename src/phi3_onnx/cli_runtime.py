@@ -93,11 +93,22 @@ def chat(
         if line == "/reset":
             session.reset()
             continue
+        _chat_turn(session, line, options)
+
+
+def _chat_turn(session, line: str, options) -> None:
+    """Stream one reply; a turn that does not fit (conversation over max_length) keeps the session alive."""
+    from phi3_onnx.errors import Phi3OnnxError
+
+    try:
         for piece in session.stream(line, options.max_new_tokens, options.temperature, options.top_p,
                                     options.top_k, options.seed):
             sys.stdout.write(piece)
             sys.stdout.flush()
-        sys.stdout.write("\n")
+    except Phi3OnnxError as exc:
+        print(f"error: {exc} (/reset starts a new conversation)", file=sys.stderr)
+        return
+    sys.stdout.write("\n")
 
 
 def _read_turn(interactive: bool) -> Optional[str]:
