@@ -149,11 +149,11 @@ def test_chat_turn_cut_short_then_continued(model, pkg, cut):
 
 def test_threads_share_one_model(model):
     prompts = [PROSE, "A small village near the river", "The algorithm works by", QUESTION]
-    expected = [model.generate(p, max_new_tokens=25) for p in prompts]
+    expected = [model.generate(p, max_new_tokens=25, min_new_tokens=20) for p in prompts]
     results: dict[int, str] = {}
 
     def work(i: int) -> None:
-        results[i] = model.generate(prompts[i % 4], max_new_tokens=25)
+        results[i] = model.generate(prompts[i % 4], max_new_tokens=25, min_new_tokens=20)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
     for t in threads:
@@ -182,3 +182,16 @@ def test_longrope_crossing_matches_transformers(exported, tiny_longrope_ckpt):
     got = list(model.token_ids(decoder, ids, options))
     assert decoder.rebuilds == 1 and len(ids) + len(got) == 84  # crossed position 64 once
     assert got == expected
+
+
+def test_chat_session_serialises_turns_from_threads(model):
+    chat = model.chat()
+    threads = [threading.Thread(target=chat.send, args=(q,), kwargs={"max_new_tokens": 15})
+               for q in ("What does a compiler do?", "What is a list?")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
+    # whichever went second saw the first turn in its prompt: same reply as a fresh greedy run over it
+    assert chat.messages[3]["content"] == model.generate(chat.messages[:3], max_new_tokens=15)
