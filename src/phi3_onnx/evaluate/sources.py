@@ -130,6 +130,7 @@ def _import_torch(checkpoint: str) -> tuple[Any, Any]:
             "(or pass an exported fp32-cpu package as --reference)"
         ) from None
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()  # config-format advice is noise in a CI log
     return torch, Phi3ForCausalLM
 
 
