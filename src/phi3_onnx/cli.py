@@ -58,7 +58,8 @@ def export(
         from phi3_onnx.exporters.bundle import export_bundle
 
         path = export_bundle(model, target, output, force=force, max_length=max_length, block_size=block_size,
-                             accuracy_level=accuracy_level, progress=_progress_enabled(quiet))
+                             accuracy_level=accuracy_level, progress=_progress_enabled(quiet),
+                             calibration=str(calibration) if calibration else None, calibration_samples=calibration_samples)
         typer.echo(f"wrote bundle {path} ({', '.join(target)})")
         return
     path = package.export(model, target[0], output, force=force, max_length=max_length, block_size=block_size,

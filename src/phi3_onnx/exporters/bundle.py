@@ -62,11 +62,11 @@ def export_bundle(
     if output.exists() and not force:
         raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
     plans = {n: _overrides_for(n, block_size, accuracy_level) for n in names}  # validates every name first
-    awq = {k: v for k, v in (("calibration", calibration), ("calibration_samples", calibration_samples)) if v is not None}
     tmp = package.temp_folder_for(output)
     try:
         for name, overrides in plans.items():
-            package.export(str(model), name, tmp / name, max_length=max_length, progress=progress, **overrides, **awq)
+            package.export(str(model), name, tmp / name, max_length=max_length, progress=progress,
+                           calibration=calibration, calibration_samples=calibration_samples, **overrides)
         manifests = [(name, read_manifest(tmp / name)) for name in names]
         doc = bundle_document(manifests[0][1].source, manifests)
         (tmp / BUNDLE).write_text(json.dumps(doc, indent=2) + "\n")
