@@ -5,7 +5,8 @@ Two steps, like gpt-fast's quantizer:
 1. `calibrate` streams the checkpoint one decoder layer at a time: run the calibration hidden
    states through the layer (PyTorch, float32), record every linear's input statistics, search
    each linear's input-channel scale s and then its per-block clip values, and move on with the
-   layer's unquantized outputs. Result: a small `AwqLayer` per layer (scales + clip indices).
+   layer's unquantized outputs; lm_head last (it is int4 in our targets, unlike AutoAWQ's).
+   Result: a small `AwqResult` (scales + uint8 clip indices).
 2. `AwqWeights` is a `WeightSource`: it reads the checkpoint and returns the rescaled, clipped
    tensors, which the exporter packs with the ordinary RTN int4 kernel. Clipping a block before
    packing makes ORT's absmax-based scale equal the clip value.
@@ -18,6 +19,7 @@ Where each scale is folded (the preceding op absorbs 1/s, so the float model is 
     v rows of qkv_proj / s_o        ──▶ o_proj W · diag(s_o)
     post_attention_layernorm γ / s_gu ─▶ gate_up_proj W · diag(s_gu)
     up rows of gate_up_proj / s_down ──▶ down_proj W · diag(s_down)     (silu(gate) * up is linear in up)
+    model.norm γ / s_head           ──▶ lm_head W · diag(s_head)          (not when tied to the embedding)
 
 o_proj with grouped-query attention: attention output channel (head h, dim d) is a mix of v
 channel (kv head h // group, d), so one v row feeds `group` o_proj inputs. We tie s_o across the
@@ -205,14 +207,18 @@ def _input_scale(s: LayerScales, name: str) -> torch.Tensor:
     return {"self_attn.qkv_proj": s.qkv, "self_attn.o_proj": s.o, "mlp.gate_up_proj": s.gate_up, "mlp.down_proj": s.down}[name]
 
 
+def scaled_gram(stats: LinearStats, s: torch.Tensor, block: int) -> torch.Tensor:
+    """Block Gram matrices of the scaled input x / s (what the folded weight sees)."""
+    inv = (1.0 / s).view(-1, block)
+    return stats.gram * inv[:, :, None] * inv[:, None, :]
+
+
 def search_layer_clips(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, LinearStats], s: LayerScales, block: int, grid: SearchGrid) -> dict[str, torch.Tensor]:
-    """Clip indices for the folded weights, against the Gram of the correspondingly scaled inputs."""
+    """Clip indices for the folded weights (row scales of the next linear included)."""
     clips = {}
     for name in tp.LINEARS:
         folded = fold(spec, name, getattr(w, name.split(".")[1]), s)
-        inv = (1.0 / _input_scale(s, name)).view(-1, block)
-        gram = stats[name].gram * inv[:, :, None] * inv[:, None, :]
-        clips[name] = search_clip(folded, gram, block, grid).cpu()
+        clips[name] = search_clip(folded, scaled_gram(stats[name], _input_scale(s, name), block), block, grid).cpu()
     return clips
 
 
@@ -227,6 +233,36 @@ def calibrate_layer(spec: ModelSpec, ckpt: SafetensorsCheckpoint, layer: int, x:
     return AwqLayer(cpu, clips), out
 
 
+@dataclass
+class HeadAwq:
+    """lm_head's input scale (folded into the final norm, model.norm) and its clip indices."""
+
+    scale: torch.Tensor  # [hidden]
+    clip: torch.Tensor  # uint8 [vocab, hidden / block]
+
+
+def calibrate_head(spec: ModelSpec, ckpt: SafetensorsCheckpoint, x: torch.Tensor, block: int, settings: AwqSettings) -> HeadAwq:
+    """The int4 lm_head is a linear like the others: scale and clip it on the final normed states."""
+    gamma = torch.from_numpy(ckpt.read("model.norm.weight")).to(x.device)
+    w = torch.from_numpy(ckpt.read("lm_head.weight")).to(x.device)
+    h = x.shape[-1]
+    stats = LinearStats(x.new_zeros(h), x.new_zeros(h // block, block, block))
+    stride = max(1, x.shape[0] * x.shape[1] // settings.search_tokens)
+    for i in range(0, x.shape[0], settings.batch):
+        stats.add(tp.rms_norm(x[i:i + settings.batch], gamma, spec.rms_norm_eps).reshape(-1, h), block, stride)
+    s = search_scale(w, stats.x_mean, stats.x_sample(), block, settings.grid)
+    clip = search_clip(w * s, scaled_gram(stats, s, block), block, settings.grid)
+    return HeadAwq(s.cpu(), clip.cpu())
+
+
+@dataclass
+class AwqResult:
+    """Everything AWQ decided: per layer, and for lm_head when it is quantized and not tied."""
+
+    layers: list[AwqLayer]
+    head: HeadAwq | None
+
+
 # ----------------------------------------------------------------------------- the weight source
 
 
@@ -236,22 +272,34 @@ _LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 class AwqWeights:
     """A `WeightSource`: the checkpoint's tensors with AWQ's scales folded in and clipping applied."""
 
-    def __init__(self, ckpt: SafetensorsCheckpoint, spec: ModelSpec, layers: list[AwqLayer], block: int, grid: SearchGrid, clip: bool = True):
-        self.ckpt, self.spec, self.layers, self.block, self.grid, self.clip = ckpt, spec, layers, block, grid, clip
+    def __init__(self, ckpt: SafetensorsCheckpoint, spec: ModelSpec, result: AwqResult, block: int, grid: SearchGrid, clip: bool = True):
+        self.ckpt, self.spec, self.result, self.block, self.grid, self.clip = ckpt, spec, result, block, grid, clip
+
+    @property
+    def layers(self) -> list[AwqLayer]:
+        return self.result.layers
 
     def read(self, name: str) -> np.ndarray:
+        w = torch.from_numpy(self.ckpt.read(name))
         m = _LAYER_TENSOR.fullmatch(name)
-        if m is None:
-            return self.ckpt.read(name)
-        layer, inner = self.layers[int(m.group(1))], m.group(2)
-        w = fold(self.spec, inner, torch.from_numpy(self.ckpt.read(name)), layer.scales)
-        if self.clip and inner in layer.clip:
-            w = apply_clip(w, layer.clip[inner], self.block, self.grid)
+        if m is not None:
+            w = self._layer_tensor(self.layers[int(m.group(1))], m.group(2), w)
+        elif self.result.head is not None and name in ("model.norm.weight", "lm_head.weight"):
+            w = self._head_tensor(self.result.head, name, w)
         return w.numpy().astype(np.float32, copy=False)
+
+    def _layer_tensor(self, layer: AwqLayer, inner: str, w: torch.Tensor) -> torch.Tensor:
+        w = fold(self.spec, inner, w, layer.scales)
+        return apply_clip(w, layer.clip[inner], self.block, self.grid) if self.clip and inner in layer.clip else w
+
+    def _head_tensor(self, head: HeadAwq, name: str, w: torch.Tensor) -> torch.Tensor:
+        if name == "model.norm.weight":
+            return w / head.scale
+        return apply_clip(w * head.scale, head.clip, self.block, self.grid) if self.clip else w * head.scale
 
     def without_clipping(self) -> AwqWeights:
         """The scaled weights only: the float model is exactly the original one (tests check this)."""
-        return AwqWeights(self.ckpt, self.spec, self.layers, self.block, self.grid, clip=False)
+        return AwqWeights(self.ckpt, self.spec, self.result, self.block, self.grid, clip=False)
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -271,21 +319,24 @@ def _cpu_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def calibrate(folder: Path, spec: ModelSpec, block: int, text: str, settings: AwqSettings, progress: bool = False) -> list[AwqLayer]:
+def calibrate(folder: Path, spec: ModelSpec, recipe: QuantRecipe, text: str, settings: AwqSettings, progress: bool = False) -> AwqResult:
     """Step 1: stream the layers, searching each one on the previous layer's unquantized outputs."""
     ckpt = SafetensorsCheckpoint(folder)
     ids = calibration_ids(folder, text, settings)
-    device = _device()
+    device, block = _device(), recipe.block_size
     x = torch.from_numpy(ckpt.read("model.embed_tokens.weight"))[ids].to(device)
     rope = tp.rotary_for(spec, ids.shape[1], device)
-    layers = []
+    layers, head = [], None
     title = f"AWQ calibration ({ids.shape[0]} x {ids.shape[1]} tokens)"
-    with torch.inference_mode(), _cpu_threads(settings.cpu_threads), task(title, spec.num_layers, progress) as advance:
+    with torch.inference_mode(), _cpu_threads(settings.cpu_threads), task(title, spec.num_layers + 1, progress) as advance:
         for i in range(spec.num_layers):
             layer, x = calibrate_layer(spec, ckpt, i, x, rope, block, settings)
             layers.append(layer)
             advance(1)
-    return layers
+        if recipe.quantize_lm_head and not spec.tie_word_embeddings:  # tied: the scale would change the embedding
+            head = calibrate_head(spec, ckpt, x, block, settings)
+        advance(1)
+    return AwqResult(layers, head)
 
 
 def awq_weights(checkpoint_folder: str | Path, spec: ModelSpec, recipe: QuantRecipe, calibration: str | None = None,
@@ -295,8 +346,8 @@ def awq_weights(checkpoint_folder: str | Path, spec: ModelSpec, recipe: QuantRec
         raise Phi3OnnxError("AWQ supports symmetric int4 only (its search emulates ORT's symmetric packer)")
     folder = Path(checkpoint_folder)
     settings = replace(settings or AwqSettings(), samples=samples)
-    layers = calibrate(folder, spec, recipe.block_size, calibration_text(calibration), settings, progress)
-    return AwqWeights(SafetensorsCheckpoint(folder), spec, layers, recipe.block_size, settings.grid)
+    result = calibrate(folder, spec, recipe, calibration_text(calibration), settings, progress)
+    return AwqWeights(SafetensorsCheckpoint(folder), spec, result, recipe.block_size, settings.grid)
 
 
-__all__ = ["AwqLayer", "AwqSettings", "AwqWeights", "DEFAULT_SAMPLES", "awq_weights", "calibrate"]
+__all__ = ["AwqLayer", "AwqResult", "AwqSettings", "AwqWeights", "DEFAULT_SAMPLES", "awq_weights", "calibrate"]
