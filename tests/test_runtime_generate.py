@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -195,3 +196,36 @@ def test_chat_session_serialises_turns_from_threads(model):
     assert [m["role"] for m in chat.messages] == ["user", "assistant", "user", "assistant"]
     # whichever went second saw the first turn in its prompt: same reply as a fresh greedy run over it
     assert chat.messages[3]["content"] == model.generate(chat.messages[:3], max_new_tokens=15)
+
+
+def _repackage(src, dst, edit):
+    """A copy of a package with `edit(folder)` applied and its manifest's file list refreshed."""
+    import shutil
+
+    from phi3_onnx.manifest import file_entries, read_manifest, write_manifest
+
+    shutil.copytree(src, dst)
+    edit(dst)
+    write_manifest(dst, dataclasses.replace(read_manifest(dst), files=file_entries(dst)))
+    return dst
+
+
+def test_chat_template_from_jinja_file_or_none(model, pkg, tmp_path):
+    """genai reads the template only from tokenizer_config.json; the wrapper also finds chat_template.jinja."""
+    def move_template(folder):
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "chat_template.jinja").write_text(cfg.pop("chat_template"))
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+
+    moved = load(_repackage(pkg, tmp_path / "jinja", move_template))
+    assert moved.apply_chat_template(QUESTION) == model.apply_chat_template(QUESTION)
+    bare = load(_repackage(tmp_path / "jinja", tmp_path / "bare", lambda f: (f / "chat_template.jinja").unlink()))
+    with pytest.raises(Phi3OnnxError, match="has no chat template"):
+        bare.generate(QUESTION)
+    assert bare.generate(PROSE, max_new_tokens=5) == model.generate(PROSE, max_new_tokens=5)
+
+
+@pytest.mark.parametrize("bad", [[{"role": "user"}], [{"role": "user", "content": 3}], ["hello"]])
+def test_bad_messages(model, bad):
+    with pytest.raises(Phi3OnnxError, match="chat message is a"):
+        model.generate(bad)

@@ -67,8 +67,11 @@ class Phi3Model:
             return str(self._tokenizer.apply_chat_template(doc, add_generation_prompt=add_generation_prompt))
         except RuntimeError:
             template = _template_file(self.path)
+        try:
             return str(self._tokenizer.apply_chat_template(
                 doc, template_str=template, add_generation_prompt=add_generation_prompt))
+        except RuntimeError as exc:
+            raise Phi3OnnxError(f"the chat template in {self.path} failed: {str(exc).strip()[:200]}") from None
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """A string is used as is; a list of messages goes through the chat template."""
