@@ -8,11 +8,24 @@ from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target
 
 # Provider options per execution provider, in the form genai_config's session_options expects.
+# cuda: "enable_cuda_graph" "1" makes genai capture one decode step and replay it (needs the
+#   shared past/present buffers below and a graph without control flow or host reads of data).
+# dml: "enable_graph_capture" "1" is the key onnxruntime-genai's model builder writes for DirectML
+#   (genai turns it into ORT's "ep.dml.enable_graph_capture" session entry).
 PROVIDER_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "cpu": [],
     "cuda": [{"cuda": {"enable_cuda_graph": "1"}}],
-    "dml": [{"dml": {}}],
+    "dml": [{"dml": {"enable_graph_capture": "1"}}],
 }
+
+
+def decoder_inputs(target: Target) -> dict[str, str]:
+    """genai input-name map; position_ids only where the graph takes it."""
+    names = {"input_ids": "input_ids", "attention_mask": "attention_mask"}
+    if target.graph.position_ids_input:
+        names["position_ids"] = "position_ids"
+    names.update(past_key_names="past_key_values.%d.key", past_value_names="past_key_values.%d.value")
+    return names
 
 
 def default_max_length(spec: ModelSpec) -> int:
@@ -34,12 +47,7 @@ def genai_config(spec: ModelSpec, target: Target, max_length: int, intra_op_thre
                 "filename": "model.onnx",
                 "head_size": spec.head_dim,
                 "hidden_size": spec.hidden_size,
-                "inputs": {
-                    "input_ids": "input_ids",
-                    "attention_mask": "attention_mask",
-                    "past_key_names": "past_key_values.%d.key",
-                    "past_value_names": "past_key_values.%d.value",
-                },
+                "inputs": decoder_inputs(target),
                 "outputs": {
                     "logits": "logits",
                     "present_key_names": "present.%d.key",

@@ -96,6 +96,7 @@ class Context:
     target: Target
     weights: WeightSource
     int4: _Int4Cache = field(default_factory=_Int4Cache)
+    input_ids: ir.Value | None = None
 
     @property
     def dtype(self) -> ir.DataType:
@@ -109,40 +110,62 @@ class Context:
 # ----------------------------------------------------------------------------- weights
 
 
-def make_weight(ctx: Context, hf_name: str, shape: tuple[int, ...], transform: Callable[[np.ndarray], np.ndarray] | None = None) -> ir.Value:
+@dataclass(frozen=True)
+class WeightRef:
+    """A checkpoint tensor, or a block of its rows (q/k/v are row blocks of Phi-3's fused qkv_proj).
+
+    `name` is the initializer's base name: the Hugging Face name for whole tensors, so graphs
+    that use whole tensors keep their historical initializer names.
+    """
+
+    hf_name: str
+    name: str
+    rows: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, ref: WeightRef | str) -> WeightRef:
+        return ref if isinstance(ref, WeightRef) else cls(ref, ref)
+
+    def read(self, weights: WeightSource) -> np.ndarray:
+        w = weights.read(self.hf_name)
+        return w if self.rows is None else w[self.rows[0] : self.rows[1]]
+
+
+def make_weight(ctx: Context, hf_name: WeightRef | str, shape: tuple[int, ...], transform: Callable[[np.ndarray], np.ndarray] | None = None) -> ir.Value:
     """A float initializer read lazily from the checkpoint, cast to the target's dtype."""
+    ref = WeightRef.of(hf_name)
 
     def load() -> np.ndarray:
-        w = ctx.weights.read(hf_name)
+        w = ref.read(ctx.weights)
         return np.ascontiguousarray(transform(w) if transform else w, dtype=ctx.np_dtype)
 
-    return ctx.b.lazy(hf_name, load, ctx.dtype, shape)
+    return ctx.b.lazy(ref.name, load, ctx.dtype, shape)
 
 
-def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: str, out_f: int, in_f: int, quantize: bool = True) -> ir.Value:
+def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: WeightRef | str, out_f: int, in_f: int, quantize: bool = True) -> ir.Value:
     """y = x W^T: MatMulNBits for int4 targets, MatMul with the transposed weight otherwise.
 
     x ──MatMul(W^T)──▶ y          or          x ──MatMulNBits(B, scales)──▶ y
     """
-    recipe = ctx.target.quant
+    recipe, ref = ctx.target.quant, WeightRef.of(hf_name)
     if recipe is None or not quantize:
-        w_t = make_weight(ctx, hf_name, (in_f, out_f), transform=lambda w: w.T)
+        w_t = make_weight(ctx, ref, (in_f, out_f), transform=lambda w: w.T)
         return ctx.b.op("MatMul", [x, w_t], f"{name}/MatMul")
     bs = recipe.block_size
     k_blocks = in_f // bs
 
     def quantized() -> Int4Packed:
-        return quantize_int4(ctx.weights.read(hf_name), bs, recipe.symmetric, ctx.np_dtype)
+        return quantize_int4(ref.read(ctx.weights), bs, recipe.symmetric, ctx.np_dtype)
 
-    key = hf_name
+    key = ref.name
     packed = ctx.b.lazy(
-        f"{hf_name}_Q4", lambda: ctx.int4.take(key, "packed", quantized), ir.DataType.UINT8, (out_f, k_blocks, bs // 2)
+        f"{key}_Q4", lambda: ctx.int4.take(key, "packed", quantized), ir.DataType.UINT8, (out_f, k_blocks, bs // 2)
     )
-    scales = ctx.b.lazy(f"{hf_name}_scales", lambda: ctx.int4.take(key, "scales", quantized), ctx.dtype, (out_f * k_blocks,))
+    scales = ctx.b.lazy(f"{key}_scales", lambda: ctx.int4.take(key, "scales", quantized), ctx.dtype, (out_f * k_blocks,))
     inputs = [x, packed, scales]
     if not recipe.symmetric:
         zp = ctx.b.lazy(
-            f"{hf_name}_zp", lambda: quantized().zero_points, ir.DataType.UINT8, (out_f, (k_blocks + 1) // 2)
+            f"{key}_zp", lambda: quantized().zero_points, ir.DataType.UINT8, (out_f, (k_blocks + 1) // 2)
         )
         inputs.append(zp)
     return ctx.b.op(
@@ -175,16 +198,18 @@ class AttentionInputs:
 
     seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_len: ir.Value  # int32 scalar
-    cos: ir.Value
+    cos: ir.Value  # [mask width, head_dim/2] rows for this step (LongRoPE: short or long)
     sin: ir.Value
+    position_ids: ir.Value | None = None  # int64 [batch, seq]; only graphs with separate RotaryEmbedding use it
 
 
-def make_attention_inputs(ctx: Context, attention_mask: ir.Value) -> AttentionInputs:
+def make_attention_inputs(ctx: Context, attention_mask: ir.Value, position_ids: ir.Value | None = None) -> AttentionInputs:
     """seqlens_k and total_sequence_length from the mask; the rotary caches for this step.
 
-    For LongRoPE the short and long caches are stacked and sliced at offset
-    (total > original_context) * original_context — no If node, so the same graph runs under
-    DirectML and CUDA graphs, and already-cached keys keep their rotation as in transformers.
+    mask ──ReduceSum──▶ total ──Sub 1──▶ seqlens_k (int32)
+    mask ──Shape[1]──▶ total_sequence_length (int32)
+    For LongRoPE the short and long caches are selected on the device with Where (no If node,
+    no host read of data), so the same graph runs under DirectML and CUDA graph capture/replay.
     """
     b = ctx.b
     total = b.op("ReduceSum", [attention_mask, b.const("/model/constants/axes_1", np.array([1], np.int64))], "/model/attn_mask/ReduceSum", keepdims=0)
@@ -197,67 +222,184 @@ def make_attention_inputs(ctx: Context, attention_mask: ir.Value) -> AttentionIn
     sin = b.const("sin_cache", sin_np.astype(ctx.np_dtype))
     if ctx.spec.longrope is not None:
         cos, sin = _select_longrope_rows(ctx, seqlens, shape, cos, sin)
-    return AttentionInputs(seqlens_k, total_len, cos, sin)
+    if position_ids is None and not ctx.target.graph.rotary_in_attention:
+        position_ids = _position_ids_from_mask(ctx, total)
+    return AttentionInputs(seqlens_k, total_len, cos, sin, position_ids)
 
 
-def _select_longrope_rows(ctx: Context, seqlens: ir.Value, total_1d: ir.Value, cos: ir.Value, sin: ir.Value) -> tuple[ir.Value, ir.Value]:
+def _position_ids_from_mask(ctx: Context, total: ir.Value) -> ir.Value:
+    """Positions of the new tokens when the graph has no position_ids input (right-aligned, no padding).
+
+    total [batch] ──Unsqueeze──▶ [batch, 1] ─┐
+    Shape(input_ids)[1] = S ──Range(0, S)──▶ ├─ total - S + range ──▶ position_ids [batch, S]
+    """
+    b = ctx.b
+    seq = b.op("Squeeze", [b.op("Shape", [ctx.input_ids], "/model/pos_ids/Shape", start=1, end=2)], "/model/pos_ids/seq_len")
+    zero, one = b.const("/model/constants/zero_i64", np.array(0, np.int64)), b.const("/model/constants/one_i64_step", np.array(1, np.int64))
+    steps = b.op("Range", [zero, seq, one], "/model/pos_ids/Range")
+    past = b.op("Sub", [total, seq], "/model/pos_ids/past_len")
+    past = b.op("Unsqueeze", [past, b.const("/model/constants/axes_1_unsq", np.array([1], np.int64))], "/model/pos_ids/past_len_2d")
+    return b.op("Add", [past, steps], "/model/pos_ids/Add")
+
+
+def _select_longrope_rows(ctx: Context, seqlens: ir.Value, width_1d: ir.Value, cos: ir.Value, sin: ir.Value) -> tuple[ir.Value, ir.Value]:
     """Long rows once the longest real sequence passes the original context.
 
+    cache[0 : W] (short) ─┐
+    cache[orig : orig+W] ─┼─ Where(max(seqlens_k) + 1 > orig) ──▶ rows [W, d/2]   (W = mask width)
     The decision uses the mask's sum (real tokens), not its width: with CUDA graphs genai pads
-    the mask to max_length. The slice is as wide as the mask, which GQA needs.
+    the mask to max_length. Slice bounds come from shapes only (constant under a captured graph);
+    the choice is a device-side Where, so a replayed graph still switches at the right step.
     """
     b, orig = ctx.b, ctx.spec.original_max_position_embeddings
-    orig_c = b.const("/model/constants/original_context", np.array(orig, np.int64))
     last = b.op("ReduceMax", [seqlens], "/model/rotary/max_seqlen", keepdims=0)
     is_long = b.op("Greater", [last, b.const("/model/constants/original_context_m1", np.array(orig - 1, np.int64))], "/model/rotary/is_long")
-    offset = b.op("Mul", [b.op("Cast", [is_long], "/model/rotary/is_long_i64", to=ir.DataType.INT64), orig_c], "/model/rotary/offset")
-    start = b.op("Unsqueeze", [offset, b.const("/model/constants/axes_0", np.array([0], np.int64))], "/model/rotary/start")
-    end = b.op("Add", [start, total_1d], "/model/rotary/end")
+    zero = b.const("/model/constants/zero_1d", np.array([0], np.int64))
+    orig_1d = b.const("/model/constants/original_context_1d", np.array([orig], np.int64))
+    long_end = b.op("Add", [orig_1d, width_1d], "/model/rotary/long_end")
     axes = b.const("/model/constants/axes_0_slice", np.array([0], np.int64))
-    cos = b.op("Slice", [cos, start, end, axes], "/model/rotary/cos_slice")
-    sin = b.op("Slice", [sin, start, end, axes], "/model/rotary/sin_slice")
-    return cos, sin
+    out = []
+    for kind, cache in (("cos", cos), ("sin", sin)):
+        short = b.op("Slice", [cache, zero, width_1d, axes], f"/model/rotary/{kind}_short")
+        long = b.op("Slice", [cache, orig_1d, long_end, axes], f"/model/rotary/{kind}_long")
+        out.append(b.op("Where", [is_long, long, short], f"/model/rotary/{kind}_select"))
+    return out[0], out[1]
+
+
+@dataclass
+class QKV:
+    """Attention projections: packed (q holds [q | k | v], k and v are None) or separate."""
+
+    q: ir.Value
+    k: ir.Value | None = None
+    v: ir.Value | None = None
+
+
+def make_qkv_packed(ctx: Context, layer: int, x: ir.Value) -> QKV:
+    """x ──qkv_proj (one MatMul)──▶ [q | k | v]"""
+    s = ctx.spec
+    hf = f"model.layers.{layer}.self_attn.qkv_proj.weight"
+    return QKV(make_linear(ctx, f"/model/layers.{layer}/attn/qkv_proj", x, hf, s.qkv_dim, s.hidden_size))
+
+
+def _qkv_rows(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    h, kv = spec.hidden_size, spec.kv_dim
+    return {"q": (0, h), "k": (h, h + kv), "v": (h + kv, h + 2 * kv)}
+
+
+def make_qkv_separate(ctx: Context, layer: int, x: ir.Value) -> QKV:
+    """x ──q_proj──▶ q,  x ──k_proj──▶ k,  x ──v_proj──▶ v   (row blocks of qkv_proj)"""
+    s, hf = ctx.spec, f"model.layers.{layer}.self_attn"
+    out = {}
+    for part, (lo, hi) in _qkv_rows(s).items():
+        ref = WeightRef(f"{hf}.qkv_proj.weight", f"{hf}.{part}_proj.weight", (lo, hi))
+        out[part] = make_linear(ctx, f"/model/layers.{layer}/attn/{part}_proj", x, ref, hi - lo, s.hidden_size)
+    return QKV(out["q"], out["k"], out["v"])
+
+
+def _split_qkv(ctx: Context, layer: int, qkv: QKV) -> QKV:
+    """[q | k | v] ──Split──▶ q, k, v   (no-op when already separate)"""
+    if qkv.k is not None:
+        return qkv
+    s = ctx.spec
+    sizes = ctx.b.const(f"/model/layers.{layer}/attn/qkv_sizes", np.array([s.hidden_size, s.kv_dim, s.kv_dim], np.int64))
+    q, k, v = ctx.b.op_multi("Split", [qkv.q, sizes], f"/model/layers.{layer}/attn/qkv_split", outputs=3, axis=-1)
+    return QKV(q, k, v)
+
+
+def rotary_in_attention(ctx: Context, layer: int, qkv: QKV, attn: AttentionInputs) -> tuple[QKV, list[ir.Value | None], int]:
+    """GQA rotates q and k itself: pass cos/sin caches as GQA inputs 7 and 8, do_rotary=1."""
+    return qkv, [attn.cos, attn.sin], 1
+
+
+def rotary_separate(ctx: Context, layer: int, qkv: QKV, attn: AttentionInputs) -> tuple[QKV, list[ir.Value | None], int]:
+    """q ──RotaryEmbedding(position_ids)──▶ q',  k ──RotaryEmbedding──▶ k'; GQA then has do_rotary=0.
+
+    The DirectML way: DML's GQA does not rotate, so rotation is a com.microsoft.RotaryEmbedding.
+    """
+    s, p = ctx.spec, f"/model/layers.{layer}/attn"
+    qkv = _split_qkv(ctx, layer, qkv)
+    rotated = {}
+    for part, x, heads in (("q", qkv.q, s.num_heads), ("k", qkv.k, s.num_kv_heads)):
+        rotated[part] = ctx.b.op(
+            "RotaryEmbedding", [x, attn.position_ids, attn.cos, attn.sin], f"{p}/{part}_rotary/RotaryEmbedding",
+            domain=MS_DOMAIN, interleaved=0, num_heads=heads,
+        )
+    return QKV(rotated["q"], rotated["k"], qkv.v), [], 0
+
+
+# graph-shape choices (targets.GraphOptions) → the subgraph function that implements each
+PROJECTIONS: dict[bool, Callable[[Context, int, ir.Value], QKV]] = {True: make_qkv_packed, False: make_qkv_separate}
+ROTARIES: dict[bool, Callable[[Context, int, QKV, AttentionInputs], tuple[QKV, list[ir.Value | None], int]]] = {
+    True: rotary_in_attention,
+    False: rotary_separate,
+}
 
 
 def make_attention(ctx: Context, layer: int, x: ir.Value, past_k: ir.Value, past_v: ir.Value, attn: AttentionInputs) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Packed QKV projection, GroupQueryAttention (rotary + KV cache + sliding window), o_proj.
+    """Q/K/V projection, rotary, GroupQueryAttention (KV cache + sliding window), o_proj.
 
-    x ──qkv_proj──▶ qkv ──GQA(past, seqlens_k, total, cos, sin)──▶ attn ──o_proj──▶ out
+    x ──qkv_proj──▶ qkv ──GQA(past, seqlens_k, total, cos, sin)──▶ attn ──o_proj──▶ out     (packed, do_rotary)
+    x ──q/k/v_proj──▶ q,k,v ──RotaryEmbedding(q,k)──▶ GQA(past, seqlens_k, total)──▶ ...    (separate)
                                      └──▶ present key/value
     """
-    s = ctx.spec
+    s, opts = ctx.spec, ctx.target.graph
     p = f"/model/layers.{layer}/attn"
-    hf = f"model.layers.{layer}.self_attn"
-    qkv = make_linear(ctx, f"{p}/qkv_proj", x, f"{hf}.qkv_proj.weight", s.qkv_dim, s.hidden_size)
+    qkv = PROJECTIONS[opts.packed_qkv](ctx, layer, x)
+    qkv, rotary_inputs, do_rotary = ROTARIES[opts.rotary_in_attention](ctx, layer, qkv, attn)
     window = s.attention_window
     out, present_k, present_v = ctx.b.op_multi(
         "GroupQueryAttention",
-        [qkv, None, None, past_k, past_v, attn.seqlens_k, attn.total_len, attn.cos, attn.sin],
+        [qkv.q, qkv.k, qkv.v, past_k, past_v, attn.seqlens_k, attn.total_len, *rotary_inputs],
         f"{p}/GroupQueryAttention",
         domain=MS_DOMAIN,
         outputs=3,
         num_heads=s.num_heads,
         kv_num_heads=s.num_kv_heads,
         scale=float(1.0 / np.sqrt(s.head_dim)),
-        do_rotary=1,
+        do_rotary=do_rotary,
         rotary_interleaved=0,
         # a query sees the last `window` keys, itself included (transformers' sliding_window)
         local_window_size=window or -1,
     )
-    o = make_linear(ctx, f"{p}/o_proj", out, f"{hf}.o_proj.weight", s.hidden_size, s.hidden_size)
+    o = make_linear(ctx, f"{p}/o_proj", out, f"model.layers.{layer}.self_attn.o_proj.weight", s.hidden_size, s.hidden_size)
     return o, present_k, present_v
 
 
+def make_gate_up_packed(ctx: Context, layer: int, x: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """x ──gate_up_proj (one MatMul)──▶ [gate | up] ──Split──▶ gate, up"""
+    s, p = ctx.spec, f"/model/layers.{layer}/mlp"
+    hf = f"model.layers.{layer}.mlp.gate_up_proj.weight"
+    gate_up = make_linear(ctx, f"{p}/gate_up_proj", x, hf, 2 * s.intermediate_size, s.hidden_size)
+    gate, up = ctx.b.op_multi("Split", [gate_up], f"{p}/Split", outputs=2, axis=-1, num_outputs=2)
+    return gate, up
+
+
+def make_gate_up_separate(ctx: Context, layer: int, x: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """x ──gate_proj──▶ gate,  x ──up_proj──▶ up   (row halves of gate_up_proj; no Split copy)"""
+    s, p = ctx.spec, f"/model/layers.{layer}/mlp"
+    hf, i = f"model.layers.{layer}.mlp", s.intermediate_size
+    out = []
+    for part, rows in (("gate", (0, i)), ("up", (i, 2 * i))):
+        ref = WeightRef(f"{hf}.gate_up_proj.weight", f"{hf}.{part}_proj.weight", rows)
+        out.append(make_linear(ctx, f"{p}/{part}_proj", x, ref, i, s.hidden_size))
+    return out[0], out[1]
+
+
+GATE_UPS: dict[bool, Callable[[Context, int, ir.Value], tuple[ir.Value, ir.Value]]] = {
+    True: make_gate_up_packed,
+    False: make_gate_up_separate,
+}
+
+
 def make_mlp(ctx: Context, layer: int, x: ir.Value) -> ir.Value:
-    """gate_up_proj ──Split──▶ silu(gate) * up ──down_proj──▶ out"""
+    """gate, up ──▶ silu(gate) * up ──down_proj──▶ out"""
     s, b = ctx.spec, ctx.b
     p = f"/model/layers.{layer}/mlp"
-    hf = f"model.layers.{layer}.mlp"
-    gate_up = make_linear(ctx, f"{p}/gate_up_proj", x, f"{hf}.gate_up_proj.weight", 2 * s.intermediate_size, s.hidden_size)
-    gate, up = b.op_multi("Split", [gate_up], f"{p}/Split", outputs=2, axis=-1, num_outputs=2)
+    gate, up = GATE_UPS[ctx.target.graph.packed_gate_up](ctx, layer, x)
     act = b.op("Mul", [gate, b.op("Sigmoid", [gate], f"{p}/act_fn/Sigmoid")], f"{p}/act_fn/Mul")
     h = b.op("Mul", [act, up], f"{p}/Mul")
-    return make_linear(ctx, f"{p}/down_proj", h, f"{hf}.down_proj.weight", s.hidden_size, s.intermediate_size)
+    return make_linear(ctx, f"{p}/down_proj", h, f"model.layers.{layer}.mlp.down_proj.weight", s.hidden_size, s.intermediate_size)
 
 
 def make_embedding(ctx: Context, input_ids: ir.Value) -> ir.Value:
@@ -280,15 +422,23 @@ def _io(name: str, dtype: ir.DataType, shape: list[int | str]) -> ir.Value:
     return ir.val(name, dtype, shape)
 
 
+def make_position_ids_input(ctx: Context) -> ir.Value | None:
+    """position_ids [batch, seq] int64 as a graph input (DirectML-style graphs), or None."""
+    if not ctx.target.graph.position_ids_input:
+        return None
+    return _io("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+
+
 def build_model(spec: ModelSpec, target: Target, weights: WeightSource) -> ir.Model:
     """The whole decoder graph for one target; weights stay lazy until saved."""
     ctx = Context(GraphBuilder(), spec, target, weights)
     kv_shape: list[int | str] = ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
     present_shape: list[int | str] = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
-    input_ids = _io("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    input_ids = ctx.input_ids = _io("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
     mask = _io("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
-    inputs, outputs = [input_ids, mask], []
-    attn = make_attention_inputs(ctx, mask)
+    position_ids = make_position_ids_input(ctx)
+    inputs = [input_ids, mask, *([position_ids] if position_ids is not None else [])]
+    attn = make_attention_inputs(ctx, mask, position_ids)
     hidden, residual = None, make_embedding(ctx, input_ids)
     presents = []
     for i in range(spec.num_layers):

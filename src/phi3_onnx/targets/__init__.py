@@ -35,6 +35,7 @@ class GraphOptions:
     packed_qkv: bool = True  # one MatMul for Q, K and V feeding GroupQueryAttention
     rotary_in_attention: bool = True  # GQA do_rotary; False: separate RotaryEmbedding nodes
     position_ids_input: bool = False  # DirectML-style graphs take position_ids explicitly
+    packed_gate_up: bool = True  # one MatMul + Split for the MLP's gate and up; False: two MatMuls, no Split
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,16 @@ def _register(*targets: Target) -> dict[str, Target]:
 
 
 _CPU_GRAPH = GraphOptions()
+# CUDA: packed QKV MatMul and rotary inside GQA, like the CPU graph; gate and up as two MatMulNBits
+# (no Split copy after the GEMV: 401 -> 411 tok/s int4 on an H100, two runs, benchmarks/RESULTS.md).
+# No control flow, so CUDA graphs capture it.
+_CUDA_GRAPH = GraphOptions(packed_gate_up=False)
+# DirectML: its GQA does not rotate, and packed QKV is not supported there (the model builder's
+# DML graphs too): separate q/k/v MatMuls, com.microsoft.RotaryEmbedding, position_ids input.
+_DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_ids_input=True, packed_gate_up=False)
+# MatMulNBits accuracy_level on GPUs: 0 (unset). CUDA/DML kernels compute in the activation dtype
+# (fp16) whatever the level; 4 (int8 compute) is a CPU-only (MLAS) path. The model builder uses 0 there too.
+_GPU_LEVEL = 0
 
 TARGETS: dict[str, Target] = _register(
     Target(
@@ -120,6 +131,51 @@ TARGETS: dict[str, Target] = _register(
         io_dtype="float32",
         quant=QuantRecipe(method="rtn", block_size=32, accuracy_level=4),
         graph=_CPU_GRAPH,
+        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+    ),
+    Target(
+        name="int4-awq-cpu",
+        description="int4 AWQ (activation-aware scales, block 32, int8 compute), fp32 activations, CPU",
+        provider="cpu",
+        io_dtype="float32",
+        quant=QuantRecipe(method="awq", block_size=32, accuracy_level=4),
+        graph=_CPU_GRAPH,
+        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+    ),
+    Target(
+        name="fp16-cuda",
+        description="fp16 weights and activations on the CUDA EP; packed QKV, rotary in GQA, CUDA graphs",
+        provider="cuda",
+        io_dtype="float16",
+        quant=None,
+        graph=_CUDA_GRAPH,
+        limits=DriftLimits(max_ppl_increase_pct=0.5, max_kl=2e-3, min_top1=0.98),
+    ),
+    Target(
+        name="int4-cuda",
+        description="int4 RTN (symmetric, block 32), fp16 activations on the CUDA EP; CUDA graphs",
+        provider="cuda",
+        io_dtype="float16",
+        quant=QuantRecipe(method="rtn", block_size=32, accuracy_level=_GPU_LEVEL),
+        graph=_CUDA_GRAPH,
+        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+    ),
+    Target(
+        name="int4-awq-cuda",
+        description="int4 AWQ (block 32), fp16 activations on the CUDA EP; CUDA graphs",
+        provider="cuda",
+        io_dtype="float16",
+        quant=QuantRecipe(method="awq", block_size=32, accuracy_level=_GPU_LEVEL),
+        graph=_CUDA_GRAPH,
+        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+    ),
+    Target(
+        name="int4-awq-dml",
+        description="int4 AWQ (block 128), fp16 I/O, DirectML-safe graph (separate q/k/v, RotaryEmbedding, position_ids)",
+        provider="dml",
+        io_dtype="float16",
+        quant=QuantRecipe(method="awq", block_size=128, accuracy_level=_GPU_LEVEL),
+        graph=_DML_GRAPH,
         limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
     ),
 )
