@@ -114,6 +114,15 @@ _DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_
 # (fp16) whatever the level; 4 (int8 compute) is a CPU-only (MLAS) path. The model builder uses 0 there too.
 _GPU_LEVEL = 0
 
+# Drift limits (`phi3-onnx eval` against the fp32-cpu export; perplexity increase in %, mean
+# KL(ref || variant) in nats, top-1 agreement). Measured on tests/assets/tiny-phi3, 3 windows of 128
+# held-out tokens, all on the CPU EP: fp16 KL 9e-7, top-1 0.997; int4 RTN KL 0.0045, top-1 0.937,
+# ppl -0.2%; AWQ block 32 KL 0.0038, top-1 0.934; AWQ block 128 (DML) KL 0.006, top-1 0.934,
+# ppl +0.7%. Each limit leaves a correct export at most half its headroom (tests/test_eval_targets.py).
+# Not yet measured on full-size Phi-3 checkpoints: there, tune with eval's --max-*/--min-top1 overrides.
+_INT4_RTN_LIMITS = DriftLimits(max_ppl_increase_pct=5.0, max_kl=0.05, min_top1=0.85)
+_INT4_AWQ_LIMITS = DriftLimits(max_ppl_increase_pct=4.0, max_kl=0.04, min_top1=0.85)
+
 TARGETS: dict[str, Target] = _register(
     Target(
         name="fp32-cpu",
@@ -131,7 +140,7 @@ TARGETS: dict[str, Target] = _register(
         io_dtype="float32",
         quant=QuantRecipe(method="rtn", block_size=32, accuracy_level=4),
         graph=_CPU_GRAPH,
-        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+        limits=_INT4_RTN_LIMITS,
     ),
     Target(
         name="int4-awq-cpu",
@@ -140,7 +149,7 @@ TARGETS: dict[str, Target] = _register(
         io_dtype="float32",
         quant=QuantRecipe(method="awq", block_size=32, accuracy_level=4),
         graph=_CPU_GRAPH,
-        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+        limits=_INT4_AWQ_LIMITS,
     ),
     Target(
         name="fp16-cuda",
@@ -149,7 +158,7 @@ TARGETS: dict[str, Target] = _register(
         io_dtype="float16",
         quant=None,
         graph=_CUDA_GRAPH,
-        limits=DriftLimits(max_ppl_increase_pct=0.5, max_kl=2e-3, min_top1=0.98),
+        limits=DriftLimits(max_ppl_increase_pct=0.5, max_kl=1e-3, min_top1=0.99),
     ),
     Target(
         name="int4-cuda",
@@ -158,7 +167,7 @@ TARGETS: dict[str, Target] = _register(
         io_dtype="float16",
         quant=QuantRecipe(method="rtn", block_size=32, accuracy_level=_GPU_LEVEL),
         graph=_CUDA_GRAPH,
-        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+        limits=_INT4_RTN_LIMITS,
     ),
     Target(
         name="int4-awq-cuda",
@@ -167,7 +176,7 @@ TARGETS: dict[str, Target] = _register(
         io_dtype="float16",
         quant=QuantRecipe(method="awq", block_size=32, accuracy_level=_GPU_LEVEL),
         graph=_CUDA_GRAPH,
-        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+        limits=_INT4_AWQ_LIMITS,
     ),
     Target(
         name="int4-awq-dml",
@@ -176,7 +185,7 @@ TARGETS: dict[str, Target] = _register(
         io_dtype="float16",
         quant=QuantRecipe(method="awq", block_size=128, accuracy_level=_GPU_LEVEL),
         graph=_DML_GRAPH,
-        limits=DriftLimits(max_ppl_increase_pct=8.0, max_kl=0.08, min_top1=0.85),
+        limits=DriftLimits(max_ppl_increase_pct=6.0, max_kl=0.06, min_top1=0.82),
     ),
 )
 
