@@ -50,8 +50,12 @@ def copy_package(src: Path, dst: Path, **target_changes) -> Path:
     return dst
 
 
-def perturb_scales(pkg: Path, layers: str, seed: int = 0) -> None:
-    """Flip the sign of random int4 block scales of the named layers, in model.onnx.data in place."""
+def perturb_scales(pkg: Path, layers: str, seed: int = 0, noise: float | None = None) -> None:
+    """Edit int4 block scales of the named layers in model.onnx.data in place.
+
+    noise=None flips the sign of random scales (a broken variant); a float multiplies every
+    scale by N(1, noise) (a variant that drifted, e.g. from a bad quantizer change).
+    """
     model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
     data = np.memmap(pkg / "model.onnx.data", dtype=np.uint8, mode="r+")
     rng = np.random.default_rng(seed)
@@ -59,7 +63,10 @@ def perturb_scales(pkg: Path, layers: str, seed: int = 0) -> None:
         if t.name.endswith("_scales") and layers in t.name:
             ext = {e.key: e.value for e in t.external_data}
             scales = data[int(ext["offset"]) : int(ext["offset"]) + int(ext["length"])].view(np.float32)
-            scales *= rng.choice(np.array([-1.0, 1.0], np.float32), scales.shape)
+            if noise is None:
+                scales *= rng.choice(np.array([-1.0, 1.0], np.float32), scales.shape)
+            else:
+                scales *= rng.normal(1.0, noise, scales.shape).astype(np.float32)
     data.flush()
 
 
@@ -114,6 +121,17 @@ def test_perturbed_weights_fail_with_exit_1_naming_the_metric(tmp_path, int4, fp
     assert err.startswith("error: accuracy drift check failed") and err.count("\n") == 1
     for f in row["failures"]:
         assert f["metric"] in err and f["excess"] > 0
+
+
+def test_drifted_variant_fails_on_kl_and_top1(tmp_path, int4, fp32, capsys):
+    """35% noise on every layer's scales: perplexity moves little, the next-token distributions do not."""
+    drifted = copy_package(int4, tmp_path / "drifted")
+    perturb_scales(drifted, "model.layers.", noise=0.35)
+    rc, report = run_eval(tmp_path, drifted, fp32)
+    assert rc == 1
+    failed = {f["metric"] for f in report["variants"][0]["failures"]}
+    assert {"kl_mean", "top1"} <= failed
+    assert "kl_mean" in capsys.readouterr().err
 
 
 def test_cli_override_can_fail_an_otherwise_passing_variant(tmp_path, int4, fp32, capsys):
