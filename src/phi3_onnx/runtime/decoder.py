@@ -48,7 +48,7 @@ class Decoder:
         return self._long_after is not None and total > self._long_after
 
     def append(self, ids: Sequence[int]) -> None:
-        """Run the model over `ids` after the current sequence (rewinding a diverged suffix first)."""
+        """Run the model over `ids` after the current sequence; rebuild if they cross the LongRoPE boundary."""
         ids = [int(t) for t in ids]
         if not ids:
             return
