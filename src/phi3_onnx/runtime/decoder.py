@@ -12,11 +12,23 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from phi3_onnx.errors import Phi3OnnxError
+
+
+class GenaiGenerator(Protocol):
+    """The part of onnxruntime_genai.Generator the wrapper relies on (genai >= 0.6)."""
+
+    def append_tokens(self, tokens: np.ndarray) -> None: ...
+    def generate_next_token(self) -> None: ...
+    def get_next_tokens(self) -> np.ndarray: ...
+    def get_sequence(self, index: int) -> np.ndarray: ...
+    def token_count(self) -> int: ...
+    def is_done(self) -> bool: ...
+    def rewind_to(self, length: int) -> None: ...
 
 
 class Decoder:
@@ -33,7 +45,7 @@ class Decoder:
         self.rebuilds = 0  # LongRoPE cache rebuilds so far
         self.reused = 0  # prompt tokens served from the cache by the last extend_to
 
-    def _new_generator(self) -> Any:
+    def _new_generator(self) -> GenaiGenerator:
         from phi3_onnx.runtime.deps import import_genai
 
         return import_genai().Generator(self._og_model, self._make_params())
