@@ -4,10 +4,12 @@
 # side by side in one run; then long inputs (2048 / 3000-token prompts decoded to 4096), the
 # LongRoPE switch under CUDA graphs, the DirectML-shaped graph on the CUDA EP, and a kernel profile.
 #
-# Runs as ONE device command, after the five wheel-install calls of /work/shared/gpu/README.md:
+# Runs as ONE device command, after the wheel-install calls of /work/shared/gpu/README.md (each call's
+# working tree + chunk must stay under 64 MiB: with the test assets in the tree, split each 60 MB
+# chunk in halves, `split -n 2 -d -a 1 partNN` -> partNNa/partNNb; install.sh's `cat ortgpu.part*` keeps the order):
 #   export PYTHONPATH=/tmp/site:$PWD/src; bash benchmarks/gpu_bench.sh        (carry [".bench"])
 # .bench/ holds copies of ../shared/anchors/{make_random,og_bench}.py (git-ignored).
-# Knobs: BLOCK (int4 block size, 32), REPS (3), SKIP_LONG=1, SKIP_PROFILE=1, WINDOW_PROBE=1,
+# Knobs: BLOCK (int4 block size, 32), REPS (3), SKIP_LONG=1, SKIP_PROFILE=1, WINDOW_PROBE=1, FPA_INTB=1,
 #        EXTRA_TARGETS="name:target:block ..." (more of our exports, benchmarked after the four main ones)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -19,6 +21,7 @@ exec > >(tee -a "$LOG") 2>&1
 here=$(cd "$(dirname "$0")" && pwd)
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+collect() { grep '^RESULT ' | sed 's/^RESULT //' >> "$RES"; }
 
 stamp "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 python3 -c "import onnxruntime as o, onnxruntime_genai as g, onnx_ir, torch, transformers as t; print('ort', o.__version__, 'genai', g.__version__, 'onnx_ir', onnx_ir.__version__, 'torch', torch.__version__, 'transformers', t.__version__)"
@@ -54,10 +57,11 @@ tail -n 3 "$W"/ours-*.log
 du -sh "$M"/* 2>/dev/null
 
 # ---- decode speed: same prompt/length/reps for every model (og_bench: P=16, N=256, greedy, min=max)
-bench() {
+bench() {  # model [label]
   [ -f "$M/$1/genai_config.json" ] || { echo "skip $1 (no package)"; return; }
-  python3 .bench/og_bench.py "$M/$1" 16 256 "$REPS" 2>&1 | tee "$W/bench-$1.txt"
-  python3 - "$1" "$W/bench-$1.txt" "$RES" <<'PY'
+  local label=${2:-$1}
+  python3 .bench/og_bench.py "$M/$1" 16 256 "$REPS" 2>&1 | tee "$W/bench-$label.txt"
+  python3 - "$label" "$W/bench-$label.txt" "$RES" <<'PY'
 import json, re, sys
 reps = [float(m) for m in re.findall(r"decode \d+ tok ([\d.]+) tok/s", open(sys.argv[2]).read())]
 pre = [float(m) for m in re.findall(r"prefill \d+ tok ([\d.]+) ms", open(sys.argv[2]).read())]
@@ -87,8 +91,23 @@ stamp "decode benchmarks"
 for m in builder-int4 ours-int4 builder-fp16 ours-fp16; do bench "$m"; done
 for extra in ${EXTRA_TARGETS:-}; do bench "${extra%%:*}"; done
 [ -n "${WINDOW_PROBE:-}" ] && bench probe-int4-nowindow
+# ORT's fpA_intB (TensorRT-LLM weight-only) GEMV/GEMM for MatMulNBits: a runtime switch (env var
+# ORT_FPA_INTB_GEMM=1 or session config ep.cuda.fpa_intb_gemm=1), applied to builder and ours alike.
+if [ -n "${FPA_INTB:-}" ]; then
+  for m in builder-int4 ours-int4 ${EXTRA_TARGETS:+$(for e in $EXTRA_TARGETS; do echo "${e%%:*}"; done)}; do
+    ORT_FPA_INTB_GEMM=1 bench "$m" "$m+fpA_intB"
+  done
+  python3 "$here/gpu_checks.py" long "$M/ours-int4" 16 272 graph "$W/short-default.npy" 2>&1 | tail -1 | collect
+  ORT_FPA_INTB_GEMM=1 python3 "$here/gpu_checks.py" long "$M/ours-int4" 16 272 graph "$W/short-fpa.npy" 2>&1 | tail -1 | collect
+  python3 - "$W" "$RES" <<'PY'
+import json, sys, numpy as np
+a, b = np.load(f"{sys.argv[1]}/short-default.npy"), np.load(f"{sys.argv[1]}/short-fpa.npy")
+row = {"check": "fpA_intB-vs-default-tokens", "model": "ours-int4", "tokens": int(len(a)), "same_fraction": float((a == b).mean()),
+       "first_difference": int(np.argmax(a != b)) if (a != b).any() else None}
+open(sys.argv[2], "a").write(json.dumps(row) + "\n"); print("RESULT", json.dumps(row))
+PY
+fi
 
-collect() { grep '^RESULT ' | sed 's/^RESULT //' >> "$RES"; }
 # ---- long inputs: prompts of 2048 and 3000 tokens, decoding on to 4096 (sliding window 2047)
 if [ -z "${SKIP_LONG:-}" ]; then
   stamp "long inputs"
@@ -116,8 +135,9 @@ timeout 120 python3 "$here/gpu_checks.py" dml "$W/tiny" 2>&1 | tail -3 | collect
 if [ -z "${SKIP_PROFILE:-}" ]; then
   stamp "profile"
   for m in ours-int4 builder-int4; do
-    timeout 120 python3 "$here/gpu_checks.py" profile "$M/$m" 16 64 2>&1 | tail -2 | collect
+    timeout 120 python3 "$here/gpu_checks.py" profile "$M/$m" 16 256 2>&1 | tail -2 | collect
   done
+  [ -n "${FPA_INTB:-}" ] && ORT_FPA_INTB_GEMM=1 timeout 120 python3 "$here/gpu_checks.py" profile "$M/ours-int4" 16 256 2>&1 | tail -1 | collect
 fi
 stamp "done"
 cat "$RES"

@@ -110,8 +110,8 @@ _CUDA_GRAPH = GraphOptions(packed_gate_up=False)
 # DirectML: its GQA does not rotate, and packed QKV is not supported there (the model builder's
 # DML graphs too): separate q/k/v MatMuls, com.microsoft.RotaryEmbedding, position_ids input.
 _DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_ids_input=True, packed_gate_up=False)
-# MatMulNBits accuracy_level on GPUs: 0 (unset). CUDA/DML kernels compute in the activation dtype
-# (fp16) whatever the level; 4 (int8 compute) is a CPU-only (MLAS) path. The model builder uses 0 there too.
+# MatMulNBits accuracy_level on GPUs: 0 (unset), as the model builder writes for CUDA/DML. ORT's CUDA
+# MatMulNBits never reads the attribute (fp16 compute); 4 (int8 compute) is a CPU (MLAS) path.
 _GPU_LEVEL = 0
 
 # Drift limits (`phi3-onnx eval` against the fp32-cpu export; perplexity increase in %, mean
