@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import hashlib
+import os
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -53,8 +54,12 @@ class ReferenceLogits:
         return np.load(self.folder / f"window-{k:05d}.npy")
 
 
-def evaluate(package: Path, reference: str, options: EvalOptions) -> Report:
-    """Evaluate every variant of `package` (a package or a bundle) against `reference`."""
+def evaluate(package: str | os.PathLike, reference: str | os.PathLike, options: EvalOptions) -> Report:
+    """Evaluate every variant of `package` (a package or a bundle) against `reference`.
+
+    `reference`: a package folder, a checkpoint folder or a hub id of the original checkpoint.
+    """
+    reference = os.fspath(reference)
     variants = discover_variants(Path(package))
     first = variants.items[0]
     tokens = tokenize_file(first.path, options.data)
