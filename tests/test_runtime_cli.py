@@ -173,3 +173,10 @@ def test_chat_over_max_length_keeps_session(capsys, monkeypatch, pkg):
     captured = capsys.readouterr()
     assert captured.err.count("loaded with max_length=48") == 1 and "/reset" in captured.err
     assert captured.out.count("\n") == 2  # the two "hi" turns were answered
+
+
+def test_unloadable_graph_is_a_one_line_error(capsys, copy_pkg):
+    dst = copy_pkg()
+    size = (dst / "model.onnx").stat().st_size
+    (dst / "model.onnx").write_bytes(b"\xff" * size)  # same size: passes the cheap check, fails in genai
+    assert "onnxruntime-genai could not load" in one_line_error(capsys, ["generate", dst, "-p", "hi"])

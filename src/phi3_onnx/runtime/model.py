@@ -71,7 +71,7 @@ class Phi3Model:
             return str(self._tokenizer.apply_chat_template(
                 doc, template_str=template, add_generation_prompt=add_generation_prompt))
         except RuntimeError as exc:
-            raise Phi3OnnxError(f"the chat template in {self.path} failed: {str(exc).strip()[:200]}") from None
+            raise Phi3OnnxError(f"the chat template in {self.path} failed: {_first_line(exc)}") from None
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
         """A string is used as is; a list of messages goes through the chat template."""
@@ -251,8 +251,12 @@ def _load_og_model(path: Path, provider: str, max_length: int) -> Any:
         config.overlay(json.dumps({"search": {"max_length": max_length}}))
         return og.Model(config)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise Phi3OnnxError(f"onnxruntime-genai could not load {path} on {provider}: {first}") from None
+        raise Phi3OnnxError(f"onnxruntime-genai could not load {path} on {provider}: {_first_line(exc)}") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _provider_options(path: Path, provider: str) -> dict[str, Any]:
