@@ -12,7 +12,8 @@ from phi3_onnx.manifest import Manifest
 from phi3_onnx.runtime.deps import check_requires, version_tuple
 from phi3_onnx.runtime.options import GenerationOptions, find_stop, safe_prefix_len
 from phi3_onnx.runtime.package import Variant, choose_variant
-from phi3_onnx.runtime.providers import Environment, choose_provider, probe_environment
+from phi3_onnx.runtime.providers import (Environment, choose_provider, cuda_device_count, dml_adapter_count,
+                                         probe_environment)
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import QuantRecipe, get_target
 
@@ -89,6 +90,10 @@ def test_this_machine_for_real():
     """This CI machine: onnxruntime CPU wheel, no GPU."""
     env = probe_environment()
     assert CPU in env.providers and env.cuda_devices == 0 and env.dml_adapters == 0
+    assert cuda_device_count() == 0 and dml_adapter_count() == 0  # the probes themselves: no driver here
+    # an onnxruntime-gpu wheel here would list CUDA, but the probe finds no device: CPU fallback
+    wheel_only = probe_environment(providers=(CUDA, CPU))
+    assert wheel_only.cuda_devices == 0 and choose_provider(wheel_only, "cuda").provider == "cpu"
     assert choose_provider(env, "cpu").provider == "cpu"
     fallback = choose_provider(env, "cuda", target_name="fp16-cuda")
     assert fallback.provider == "cpu" and fallback.warning
