@@ -157,7 +157,7 @@ def test_separate_rotary_graph_equals_packed(exported, variant_packages, tiny_ck
     ref, got = run_tokens(packed, ids), run_tokens(variant_packages[(variant, ckpt_name)], ids)
     err = float(np.abs(ref - got).max())
     print(f"\n{variant} vs packed ({ckpt_name}, {len(ids)} tokens): max |dlogit| {err:.2e}")
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("target", ["fp32-cpu", "int4-cuda"])

@@ -5,8 +5,13 @@ initializers to the external-data file one by one, which bounds export memory to
 
 Graph I/O (the onnxruntime-genai "phi3" decoder contract):
     input_ids [batch, seq] int64, attention_mask [batch, total] int64,
+    (position_ids [batch, seq] int64 when target.graph.position_ids_input),
     past_key_values.{i}.key/value [batch, kv_heads, past, head_dim]
     -> logits [batch, seq, vocab], present.{i}.key/value [batch, kv_heads, total, head_dim]
+
+Graph shape follows `target.graph` (GraphOptions): each flag selects one of two subgraph functions
+(PROJECTIONS, ROTARIES, GATE_UPS below). No target gets control flow (If/Loop): CUDA graphs and
+DirectML graph capture replay one recorded decode step, so even the LongRoPE switch is data flow.
 """
 
 from __future__ import annotations
