@@ -190,3 +190,16 @@ def test_longrope_selection_has_no_host_read(exported, tiny_longrope_ckpt: Path)
     assert slices and [n.op_type for n in model.graph.node].count("Where") == 2
     for node in slices:
         assert not any(depends_on_mask_values(i, set()) for i in node.input[1:]), node.name
+
+
+def test_gpu_targets_share_kv_buffers_for_graph_capture(package) -> None:
+    """CUDA graphs / DML graph capture need genai's static past==present buffers."""
+    target, folder, _ = package
+    search = json.loads((folder / "genai_config.json").read_text())["search"]
+    assert search["past_present_share_buffer"] is True
+
+
+def test_int4_cuda_block_size_override(exported, tiny_ckpt: Path) -> None:
+    model = onnx.load(str(exported("int4-cuda", tiny_ckpt, block_size=128) / "model.onnx"), load_external_data=False)
+    sizes = {_attrs(n)["block_size"] for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert sizes == {128}
