@@ -4,12 +4,12 @@ Two steps, like gpt-fast's quantizer:
 
 1. `calibrate` streams the checkpoint one decoder layer at a time: run the calibration hidden
    states through the layer (PyTorch, float32), record every linear's input statistics, search
-   each linear's input-channel scale s and then its per-block clip values, and move on with the
-   layer's unquantized outputs; lm_head last (it is int4 in our targets, unlike AutoAWQ's).
-   Result: a small `AwqResult` (scales + uint8 clip indices).
+   each linear's input-channel scale s and then per block a clip value and a refit factor, and move on with the
+   layer's unquantized outputs; lm_head last (int4 in our targets, unlike AutoAWQ's: blocks only).
+   Result: a small `AwqResult` (scales, uint8 clip indices, float16 refit factors).
 2. `AwqWeights` is a `WeightSource`: it reads the checkpoint and returns the rescaled, clipped
-   tensors, which the exporter packs with the ordinary RTN int4 kernel. Clipping a block before
-   packing makes ORT's absmax-based scale equal the clip value.
+   tensors, which the exporter packs with the ordinary RTN int4 kernel. Returning a block as
+   alpha * clamp(w, ±c) makes ORT's absmax-based scale alpha * c / 8 with the clip's codes.
 
 This module needs PyTorch (the `[awq]` extra); the exporter imports it only for AWQ targets.
 
@@ -19,7 +19,6 @@ Where each scale is folded (the preceding op absorbs 1/s, so the float model is 
     v rows of qkv_proj / s_o        ──▶ o_proj W · diag(s_o)
     post_attention_layernorm γ / s_gu ─▶ gate_up_proj W · diag(s_gu)
     up rows of gate_up_proj / s_down ──▶ down_proj W · diag(s_down)     (silu(gate) * up is linear in up)
-    model.norm γ / s_head           ──▶ lm_head W · diag(s_head)          (not when tied to the embedding)
 
 o_proj with grouped-query attention: attention output channel (head h, dim d) is a mix of v
 channel (kv head h // group, d), so one v row feeds `group` o_proj inputs. We tie s_o across the
@@ -45,7 +44,7 @@ from phi3_onnx.progress import task
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import QuantRecipe
 from phi3_onnx.quantize import torch_phi3 as tp
-from phi3_onnx.quantize.awq_search import SearchGrid, apply_clip, block_gram, search_clip, search_scale
+from phi3_onnx.quantize.awq_search import BlockChoice, SearchGrid, apply_blocks, block_gram, search_blocks, search_scale
 
 DEFAULT_SAMPLES = 8
 
@@ -122,7 +121,9 @@ def run_layer(spec: ModelSpec, w: tp.LayerWeights, x: torch.Tensor, rope: tp.Rot
     stats: dict[str, LinearStats] = {}
     stride = max(1, x.shape[0] * x.shape[1] // settings.search_tokens)
 
-    def observe(name: str, inp: torch.Tensor) -> None:
+    def observe(name: str, inp: torch.Tensor, residual: torch.Tensor | None) -> None:
+        if residual is not None:  # error relative to the residual it lands in, token by token
+            inp = inp * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
         if name not in stats:
             k = inp.shape[1]
             stats[name] = LinearStats(inp.new_zeros(k), inp.new_zeros(k // block, block, block))
@@ -186,7 +187,7 @@ class AwqLayer:
     """Everything AWQ decided for one layer: the scales and, per linear, each block's clip index."""
 
     scales: LayerScales
-    clip: dict[str, torch.Tensor]  # linear name -> uint8 [out, in / block] index into grid.shrink_factors()
+    blocks: dict[str, BlockChoice]  # linear name -> per-block clip and refit
 
 
 def search_layer_scales(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, LinearStats], block: int, grid: SearchGrid) -> LayerScales:
@@ -213,13 +214,14 @@ def scaled_gram(stats: LinearStats, s: torch.Tensor, block: int) -> torch.Tensor
     return stats.gram * inv[:, :, None] * inv[:, None, :]
 
 
-def search_layer_clips(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, LinearStats], s: LayerScales, block: int, grid: SearchGrid) -> dict[str, torch.Tensor]:
-    """Clip indices for the folded weights (row scales of the next linear included)."""
-    clips = {}
+def search_layer_blocks(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, LinearStats], s: LayerScales, block: int, grid: SearchGrid) -> dict[str, BlockChoice]:
+    """Per-block clip and refit for the folded weights (row scales of the next linear included)."""
+    out = {}
     for name in tp.LINEARS:
         folded = fold(spec, name, getattr(w, name.split(".")[1]), s)
-        clips[name] = search_clip(folded, scaled_gram(stats[name], _input_scale(s, name), block), block, grid).cpu()
-    return clips
+        choice = search_blocks(folded, scaled_gram(stats[name], _input_scale(s, name), block), block, grid)
+        out[name] = BlockChoice(choice.clip.cpu(), choice.alpha.cpu())
+    return out
 
 
 def calibrate_layer(spec: ModelSpec, ckpt: SafetensorsCheckpoint, layer: int, x: torch.Tensor, rope: tp.Rotary,
@@ -228,31 +230,25 @@ def calibrate_layer(spec: ModelSpec, ckpt: SafetensorsCheckpoint, layer: int, x:
     w = tp.load_layer(ckpt, layer, x.device)
     out, stats = run_layer(spec, w, x, rope, block, settings)
     scales = search_layer_scales(spec, w, stats, block, settings.grid)
-    clips = search_layer_clips(spec, w, stats, scales, block, settings.grid)
+    blocks = search_layer_blocks(spec, w, stats, scales, block, settings.grid)
     cpu = LayerScales(*(t.cpu() for t in (scales.qkv, scales.o, scales.gate_up, scales.down)))
-    return AwqLayer(cpu, clips), out
+    return AwqLayer(cpu, blocks), out
 
 
-@dataclass
-class HeadAwq:
-    """lm_head's input scale (folded into the final norm, model.norm) and its clip indices."""
+def calibrate_head(spec: ModelSpec, ckpt: SafetensorsCheckpoint, x: torch.Tensor, block: int, settings: AwqSettings) -> BlockChoice:
+    """The int4 lm_head gets the per-block clip + refit search on the final normed states.
 
-    scale: torch.Tensor  # [hidden]
-    clip: torch.Tensor  # uint8 [vocab, hidden / block]
-
-
-def calibrate_head(spec: ModelSpec, ckpt: SafetensorsCheckpoint, x: torch.Tensor, block: int, settings: AwqSettings) -> HeadAwq:
-    """The int4 lm_head is a linear like the others: scale and clip it on the final normed states."""
+    No input scale: on the tiny test model it bought no KL and cost perplexity (measured), so
+    model.norm stays as it is.
+    """
     gamma = torch.from_numpy(ckpt.read("model.norm.weight")).to(x.device)
     w = torch.from_numpy(ckpt.read("lm_head.weight")).to(x.device)
     h = x.shape[-1]
-    stats = LinearStats(x.new_zeros(h), x.new_zeros(h // block, block, block))
-    stride = max(1, x.shape[0] * x.shape[1] // settings.search_tokens)
+    gram = x.new_zeros(h // block, block, block)
     for i in range(0, x.shape[0], settings.batch):
-        stats.add(tp.rms_norm(x[i:i + settings.batch], gamma, spec.rms_norm_eps).reshape(-1, h), block, stride)
-    s = search_scale(w, stats.x_mean, stats.x_sample(), block, settings.grid)
-    clip = search_clip(w * s, scaled_gram(stats, s, block), block, settings.grid)
-    return HeadAwq(s.cpu(), clip.cpu())
+        gram += block_gram(tp.rms_norm(x[i:i + settings.batch], gamma, spec.rms_norm_eps).reshape(-1, h), block)
+    choice = search_blocks(w, gram, block, settings.grid)
+    return BlockChoice(choice.clip.cpu(), choice.alpha.cpu())
 
 
 @dataclass
@@ -260,7 +256,7 @@ class AwqResult:
     """Everything AWQ decided: per layer, and for lm_head when it is quantized and not tied."""
 
     layers: list[AwqLayer]
-    head: HeadAwq | None
+    head: BlockChoice | None
 
 
 # ----------------------------------------------------------------------------- the weight source
@@ -284,18 +280,13 @@ class AwqWeights:
         m = _LAYER_TENSOR.fullmatch(name)
         if m is not None:
             w = self._layer_tensor(self.layers[int(m.group(1))], m.group(2), w)
-        elif self.result.head is not None and name in ("model.norm.weight", "lm_head.weight"):
-            w = self._head_tensor(self.result.head, name, w)
+        elif self.result.head is not None and self.clip and name == "lm_head.weight":
+            w = apply_blocks(w, self.result.head, self.block, self.grid)
         return w.numpy().astype(np.float32, copy=False)
 
     def _layer_tensor(self, layer: AwqLayer, inner: str, w: torch.Tensor) -> torch.Tensor:
         w = fold(self.spec, inner, w, layer.scales)
-        return apply_clip(w, layer.clip[inner], self.block, self.grid) if self.clip and inner in layer.clip else w
-
-    def _head_tensor(self, head: HeadAwq, name: str, w: torch.Tensor) -> torch.Tensor:
-        if name == "model.norm.weight":
-            return w / head.scale
-        return apply_clip(w * head.scale, head.clip, self.block, self.grid) if self.clip else w * head.scale
+        return apply_blocks(w, layer.blocks[inner], self.block, self.grid) if self.clip and inner in layer.blocks else w
 
     def without_clipping(self) -> AwqWeights:
         """The scaled weights only: the float model is exactly the original one (tests check this)."""
@@ -333,7 +324,7 @@ def calibrate(folder: Path, spec: ModelSpec, recipe: QuantRecipe, text: str, set
             layer, x = calibrate_layer(spec, ckpt, i, x, rope, block, settings)
             layers.append(layer)
             advance(1)
-        if recipe.quantize_lm_head and not spec.tie_word_embeddings:  # tied: the scale would change the embedding
+        if recipe.quantize_lm_head and not spec.tie_word_embeddings:  # tied: clipping would change the embedding
             head = calibrate_head(spec, ckpt, x, block, settings)
         advance(1)
     return AwqResult(layers, head)

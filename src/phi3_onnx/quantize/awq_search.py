@@ -5,8 +5,9 @@ block quantizer (`fake_int4`) so the search optimises what MatMulNBits will actu
 
 * scale: s = x_mean^r / w_mean^(1-r) over a grid of r (plus s = 1, so AWQ never loses to RTN on
   the objective); error ||X W^T - (X/s) Q(W s)^T||^2 on a token and output-row subsample.
-* clip: per output row and block, the absmax shrink c = f * max|w| minimising the block's output
-  error dw^T H_g dw, with H_g = X_g^T X_g the block's Gram matrix over every calibration token.
+* clip: per output row and block, the absmax shrink c = f * max|w| and a refit factor alpha for
+  the dequantized block minimising the block's output error dw^T H_g dw, with H_g = X_g^T X_g
+  the block's Gram matrix over every calibration token (alpha removes clipping's shrinkage).
 """
 
 from __future__ import annotations
@@ -88,14 +89,17 @@ def block_gram(x: torch.Tensor, block: int) -> torch.Tensor:
     return xb.transpose(1, 2) @ xb
 
 
-def _block_errors(dw: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """dw^T H_g dw for every row and block: dw [n, G, b], gram [G, b, b] -> [n, G]."""
-    d = dw.transpose(0, 1)
-    return ((d @ gram) * d).sum(-1).T
+@dataclass
+class BlockChoice:
+    """Per (row, block) of one weight: the clip (index into `SearchGrid.shrink_factors`) and a
+    refit factor alpha for the dequantized block, both [N, K / block]."""
+
+    clip: torch.Tensor  # uint8
+    alpha: torch.Tensor  # float16, 1 = plain absmax scale
 
 
-def _clipped_dequant_error(wb: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """fake_int4(clamp(wb, -c, c)) - wb without materialising the clamp.
+def _quantized_blocks(wb: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """fake_int4(clamp(wb, -c, c)) without materialising the clamp.
 
     Clamping to ±c makes the block's extremes min(hi, c) and max(lo, -c), so the scale comes from
     [n, G, 1] tensors; codes beyond ±8 saturate exactly as the clamped values would.
@@ -103,32 +107,49 @@ def _clipped_dequant_error(wb: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor,
     hi_c, lo_c = torch.minimum(hi, c), torch.maximum(lo, -c)
     scale = torch.where(hi_c > -lo_c, hi_c, lo_c) / -8.0
     inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
-    q = torch.round(wb * inv).clamp_(-8, 7)
-    return q.mul_(scale).sub_(wb)
+    return torch.round(wb * inv).clamp_(-8, 7).mul_(scale)
 
 
-def search_clip(w: torch.Tensor, gram: torch.Tensor, block: int, grid: SearchGrid, chunk: int = 256) -> torch.Tensor:
-    """Index into `grid.shrink_factors()` per (row, block) [N, K/block], uint8.
+def _refit(q: torch.Tensor, wb: torch.Tensor, gram: torch.Tensor, w_h_w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best alpha for alpha * q ≈ w under the block's Gram, and the error it leaves: [n, G] each.
+
+    err(a) = wHw - 2a qHw + a^2 qHq; alpha = qHw / qHq, bounded to [0.5, 2]. Clipping alone
+    shrinks outputs (error anti-correlated with the output); the refit removes that bias.
+    """
+    q_t, w_t = q.transpose(0, 1), wb.transpose(0, 1)
+    hq = q_t @ gram
+    q_h_q, q_h_w = (hq * q_t).sum(-1).T, (hq * w_t).sum(-1).T
+    alpha = torch.where(q_h_q > 0, q_h_w / q_h_q, torch.ones_like(q_h_q)).clamp_(0.5, 2.0)
+    return alpha, w_h_w - 2 * alpha * q_h_w + alpha * alpha * q_h_q
+
+
+def search_blocks(w: torch.Tensor, gram: torch.Tensor, block: int, grid: SearchGrid, chunk: int = 256) -> BlockChoice:
+    """Per (row, block): the clip and refit alpha with the least output error over the calibration tokens.
 
     Rows go in small chunks so every grid point's temporaries stay in the CPU cache.
     """
     factors = grid.shrink_factors(w.device)
-    best = torch.zeros(w.shape[0], w.shape[1] // block, dtype=torch.uint8, device=w.device)
+    n_blocks = w.shape[1] // block
+    clip = torch.zeros(w.shape[0], n_blocks, dtype=torch.uint8, device=w.device)
+    alpha = torch.ones(w.shape[0], n_blocks, dtype=torch.float16, device=w.device)
     for r0 in range(0, w.shape[0], chunk):
-        wb = w[r0:r0 + chunk].reshape(-1, w.shape[1] // block, block)
+        wb = w[r0:r0 + chunk].reshape(-1, n_blocks, block)
         hi, lo = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
-        amax = torch.maximum(hi, -lo)
-        best_err = torch.full(best[r0:r0 + chunk].shape, float("inf"), device=w.device)
+        amax, w_t = torch.maximum(hi, -lo), wb.transpose(0, 1)
+        w_h_w = ((w_t @ gram) * w_t).sum(-1).T
+        best_err = torch.full((wb.shape[0], n_blocks), float("inf"), device=w.device)
         for i, f in enumerate(factors):
-            err = _block_errors(_clipped_dequant_error(wb, hi, lo, amax * f), gram)
+            a, err = _refit(_quantized_blocks(wb, hi, lo, amax * f), wb, gram, w_h_w)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
-            best[r0:r0 + chunk][better] = i
-    return best
+            clip[r0:r0 + chunk][better] = i
+            alpha[r0:r0 + chunk][better] = a[better].half()
+    return BlockChoice(clip, alpha)
 
 
-def apply_clip(w: torch.Tensor, shrink_index: torch.Tensor, block: int, grid: SearchGrid) -> torch.Tensor:
-    """Clamp each block to its chosen fraction of its absmax (ORT's absmax scale then equals the clip)."""
+def apply_blocks(w: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid) -> torch.Tensor:
+    """alpha * clamp(block, ±c): ORT's absmax scale becomes alpha * c / 8 and the codes stay those of the clip."""
     wb = w.reshape(w.shape[0], -1, block)
-    c = wb.abs().amax(-1, keepdim=True) * grid.shrink_factors(w.device)[shrink_index.long()].unsqueeze(-1)
-    return torch.minimum(torch.maximum(wb, -c), c).reshape(w.shape)
+    c = wb.abs().amax(-1, keepdim=True) * grid.shrink_factors(w.device)[choice.clip.long()].unsqueeze(-1)
+    clipped = torch.minimum(torch.maximum(wb, -c), c)
+    return (clipped * choice.alpha.float().unsqueeze(-1)).reshape(w.shape)
