@@ -118,7 +118,9 @@ _GPU_LEVEL = 0
 # KL(ref || variant) in nats, top-1 agreement). Measured on tests/assets/tiny-phi3, 3 windows of 128
 # held-out tokens, all on the CPU EP: fp16 KL 9e-7, top-1 0.997; int4 RTN KL 0.0045, top-1 0.937,
 # ppl -0.2%; AWQ block 32 KL 0.0038, top-1 0.934; AWQ block 128 (DML) KL 0.006, top-1 0.934,
-# ppl +0.7%. Each limit leaves a correct export at most half its headroom (tests/test_eval_targets.py).
+# ppl +0.7% (0.913 / +0.9% when calibrated with torch 2.11 on an H100 box, where the CUDA EP gave
+# fp16 KL 1e-6, top-1 0.995 and int4 RTN KL 0.0044, top-1 0.937 too). Each limit leaves a correct
+# export at most half its headroom (tests/test_eval_targets.py).
 # Not yet measured on full-size Phi-3 checkpoints: there, tune with eval's --max-*/--min-top1 overrides.
 _INT4_RTN_LIMITS = DriftLimits(max_ppl_increase_pct=5.0, max_kl=0.05, min_top1=0.85)
 _INT4_AWQ_LIMITS = DriftLimits(max_ppl_increase_pct=4.0, max_kl=0.04, min_top1=0.85)
@@ -185,7 +187,7 @@ TARGETS: dict[str, Target] = _register(
         io_dtype="float16",
         quant=QuantRecipe(method="awq", block_size=128, accuracy_level=_GPU_LEVEL),
         graph=_DML_GRAPH,
-        limits=DriftLimits(max_ppl_increase_pct=6.0, max_kl=0.06, min_top1=0.82),
+        limits=DriftLimits(max_ppl_increase_pct=6.0, max_kl=0.06, min_top1=0.80),
     ),
 )
 
