@@ -53,3 +53,20 @@ def test_wrong_long_factor_fails_long_windows_but_not_short_ones(tmp_path, good,
     rc, report = run_eval(tmp_path, wrong_long_factor, good, "--window", "64")
     assert rc == 0, capsys.readouterr().err
     assert report["variants"][0]["metrics"]["kl_mean"] < 1e-9
+
+
+def test_int4_export_passes_its_limits_on_long_windows(tmp_path, exported, tiny_longrope_ckpt, good, capsys):
+    rc, report = run_eval(tmp_path, exported("int4-cpu", tiny_longrope_ckpt), good, "--positions", "long")
+    assert rc == 0, capsys.readouterr().err
+    assert report["variants"][0]["metrics"]["kl_mean"] > 0  # really a different (quantized) model
+
+
+def test_bundle_of_different_models_is_bad_input(tmp_path, exported, good, capsys):
+    import shutil
+
+    bundle = tmp_path / "mixed"
+    shutil.copytree(good, bundle / "longrope")
+    shutil.copytree(exported("fp32-cpu"), bundle / "plain")
+    rc = main(["eval", str(bundle), "--reference", str(good), "--data", str(HELDOUT), "--max-tokens", "128"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "different models" in err
