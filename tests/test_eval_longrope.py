@@ -4,6 +4,7 @@ tokens cross the original context, which is where a wrong long factor shows and 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,8 +63,6 @@ def test_int4_export_passes_its_limits_on_long_windows(tmp_path, exported, tiny_
 
 
 def test_bundle_of_different_models_is_bad_input(tmp_path, exported, good, capsys):
-    import shutil
-
     bundle = tmp_path / "mixed"
     shutil.copytree(good, bundle / "longrope")
     shutil.copytree(exported("fp32-cpu"), bundle / "plain")
