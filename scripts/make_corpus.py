@@ -8,6 +8,9 @@ disjoint files.  The committed text files are the source of truth; this script o
 documents (and can regenerate) how they were made.
 
     python scripts/make_corpus.py            # writes the three files below
+
+The committed files were made with CPython 3.11.7's standard library; another version's
+docstrings give slightly different files (pass --stdlib to point at a specific one).
 """
 
 from __future__ import annotations
@@ -90,12 +93,12 @@ def build(stdlib: Path, n_chat: int) -> dict[str, list[str]]:
     splits: dict[str, list[str]] = {k: [] for k in ("train", "heldout", "calib", "unused")}
     summaries: dict[str, list[tuple[str, str]]] = {k: [] for k in splits}
     for name, doc in docstrings(stdlib):
-        first = doc.split("\n\n", 1)[0]
         for i, par in enumerate(doc.split("\n\n")):
             text = clean(par) if "\n" in par or len(par.split()) >= 8 else None
-            if i == 0 and not text and "\n" not in first and 4 <= len(first.split()) <= 30:
-                ok = first[0].isupper() and first.endswith(".") and not BAD.search(first)
-                text = first if ok and first.isascii() else None
+            if i == 0 and not text and "\n" not in par and 4 <= len(par.split()) <= 30:
+                # a short one-line summary: too short for prose, fine as a chat answer
+                ok = par[0].isupper() and par.endswith(".") and not BAD.search(par)
+                text = par if ok and par.isascii() else None
                 short = True
             else:
                 short = False

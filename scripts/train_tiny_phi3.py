@@ -3,7 +3,7 @@
 Why: export/runtime tests need a checkpoint that has Phi-3's exact file layout (hub-style
 4.x config.json, 2 bf16 safetensors shards, a Llama-style byte-fallback BPE tokenizer with
 Phi-3's added tokens and chat template) but is a few MB and produces real English, so
-that numeric and text-level comparisons mean something.  Runs in ~6 min on 2 CPU cores.
+that numeric and text-level comparisons mean something.  ~10 min on 2 idle CPU cores.
 
     python scripts/train_tiny_phi3.py          # -> tests/assets/tiny-phi3/
 """
@@ -13,13 +13,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers, processors, trainers
-from transformers import Phi3Config, Phi3ForCausalLM
+from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import longrope_overrides, make_variant  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests/assets/corpus"
@@ -51,18 +56,19 @@ def train_tokenizer(docs: list[str]) -> Tokenizer:
     norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tmp = Tokenizer(models.BPE(unk_token="<unk>"))
     tmp.normalizer = norm
-    # Training-only split (not saved), like sentencepiece's: merges stay inside a word, a
-    # punctuation run or one digit, each optionally led by "▁".
+    # Training-only split (not saved), like sentencepiece's: merges stay inside a word or a
+    # punctuation run (optionally led by "▁") or a single digit ("▁" + digit is 2 tokens, as
+    # in Llama). onnxruntime-extensions pre-splits Llama-style text at these same boundaries
+    # before BPE, so merges that crossed them would make it disagree with tokenizers.
     tmp.pre_tokenizer = pre_tokenizers.Split(
-        Regex(r"▁?\p{L}+|▁?\p{N}|▁?[^\p{L}\p{N}▁]+|▁"), behavior="isolated")
+        Regex(r"▁?\p{L}+|\p{N}|▁?[^\p{L}\p{N}▁]+|▁"), behavior="isolated")
     specials = ["<unk>", "<s>", "</s>"]
     tmp.train_from_iterator(prose, trainers.BpeTrainer(
         vocab_size=BASE_VOCAB - 256, special_tokens=specials, limit_alphabet=120,
         show_progress=False))
-    learned = json.loads(tmp.to_str())["model"]
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
-    order = specials + byte_tokens + [t for t, _ in sorted(learned["vocab"].items(),
-                                                          key=lambda kv: kv[1])[3:]]
+    learned = json.loads(tmp.to_str())["model"]  # ids: specials, alphabet, merged tokens
+    order = specials + [f"<0x{b:02X}>" for b in range(256)] + sorted(
+        learned["vocab"], key=learned["vocab"].get)[3:]
     assert len(order) == BASE_VOCAB, len(order)
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tok = Tokenizer(models.BPE({t: i for i, t in enumerate(order)}, merges, unk_token="<unk>",
@@ -93,17 +99,14 @@ def save_tokenizer(tok: Tokenizer, out: Path) -> None:
            "use_default_system_prompt": False}
     special_map = {k: {"content": cfg[k], "lstrip": False, "normalized": False, "rstrip": False,
                        "single_word": False} for k in ("bos_token", "eos_token", "pad_token",
-                                                       "unk_token")}
+                                                       "unk_token")}  # as Phi-3's file
     for name, obj in (("tokenizer_config.json", cfg), ("special_tokens_map.json", special_map)):
         (out / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def to_ids(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
     """One long stream: each document followed by <|endoftext|> (as the chat template ends)."""
-    ids: list[int] = []
-    for enc in tok.encode_batch(docs):
-        ids += enc.ids + [EOT]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor([i for enc in tok.encode_batch(docs) for i in enc.ids + [EOT]])
 
 
 def make_config() -> Phi3Config:
@@ -147,9 +150,9 @@ def train(model: Phi3ForCausalLM, ids: torch.Tensor, args: argparse.Namespace) -
     losses: list[float] = []
     t0 = time.time()
     for step in range(args.steps):
-        starts = torch.randint(0, len(ids) - args.seq - 1, (args.batch,), generator=g)
-        x = torch.stack([ids[s:s + args.seq + 1] for s in starts.tolist()])
-        loss = model(input_ids=x[:, :-1], labels=x[:, :-1].clone()).loss
+        starts = torch.randint(0, len(ids) - args.seq, (args.batch,), generator=g).tolist()
+        x = torch.stack([ids[s:s + args.seq] for s in starts])
+        loss = model(input_ids=x, labels=x).loss  # labels are shifted inside the model
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
@@ -160,10 +163,11 @@ def train(model: Phi3ForCausalLM, ids: torch.Tensor, args: argparse.Namespace) -
     return sum(losses[-50:]) / len(losses[-50:])
 
 
-def write_hub_config(out: Path) -> None:
+def write_hub_config(out: Path) -> str:
     """Rewrite config.json in the transformers-4.x form the hub's Phi-3 configs use
-    (transformers 5 writes `rope_parameters` and `dtype` instead)."""
-    cfg = json.loads((out / "config.json").read_text())
+    (transformers 5 writes `rope_parameters` and `dtype` instead); returns the 5.x text."""
+    v5_text = (out / "config.json").read_text()
+    cfg = json.loads(v5_text)
     rope = cfg.pop("rope_parameters")
     assert rope.get("rope_type") == "default", rope
     cfg.pop("dtype", None)
@@ -173,18 +177,83 @@ def write_hub_config(out: Path) -> None:
     gen = {"_from_model_config": True, "bos_token_id": 1, "eos_token_id": [EOT, END],
            "pad_token_id": EOT, "transformers_version": cfg.get("transformers_version")}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return v5_text
+
+
+CARD = """---
+license: other
+license_name: psf-2.0
+license_link: LICENSE
+language: [en]
+pipeline_tag: text-generation
+---
+# tiny-phi3: a {params}M-parameter Phi-3 test fixture for phi3-onnx
+
+The file layout of Microsoft's Phi-3 hub checkpoints (4.x-style config.json; bf16 weights
+in 2 safetensors shards; Llama-style byte-fallback BPE tokenizer with Phi-3's added tokens
+at ids 2048-2058 and its chat template; generation stops on `<|endoftext|>`/`<|end|>`),
+but tiny: hidden 256, 4 layers, 8 query / 4 KV heads, MLP 512, vocab 2048 + 11, padded
+to 2064. It writes semi-coherent English about Python and is otherwise useless.
+
+Made by `python scripts/train_tiny_phi3.py {argv}` ({minutes:.1f} min on a 2-core CPU)
+from `tests/assets/corpus/train.txt` ({kb} KB of CPython 3.11 standard-library docstring
+prose plus {chats} chat samples, made by `scripts/make_corpus.py`): fp32 AdamW, {steps}
+steps of {batch}x{seq} tokens, then cast to bf16. Final train loss {loss:.3f}; held-out
+perplexity {ppl32:.1f} (bf16 {ppl16:.1f}; unigram baseline {uni:.1f}). Greedy samples:
+
+    {samples}
+
+Licence: trained on CPython's docstrings, so distributed under the same terms, the PSF
+License Agreement (LICENSE is CPython's LICENSE.txt).
+"""
+
+
+def greedy(model: Phi3ForCausalLM, tok: Tokenizer, prompt: str, n: int = 40) -> str:
+    """Prompt + greedy continuation, special tokens shown (stops at <|endoftext|>/<|end|>)."""
+    ids = torch.tensor([tok.encode(prompt).ids])
+    out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=[EOT, END],
+                         pad_token_id=EOT)
+    return repr(tok.decode(out[0].tolist(), skip_special_tokens=False))
+
+
+@torch.no_grad()
+def verify(out: Path, v5_config: str, text: str) -> None:
+    """Reload with transformers: tokenizer round-trip + chat template; the 4.x-form config
+    gives the same logits as the config transformers 5 wrote; the LongRoPE and
+    sliding-window variants run 600 tokens."""
+    hf_tok = AutoTokenizer.from_pretrained(out)
+    ids = hf_tok.encode(text)
+    assert hf_tok.decode(ids) == text
+    assert ids == Tokenizer.from_file(str(out / "tokenizer.json")).encode(text).ids
+    chat = hf_tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert chat == "<|user|>\nHi<|end|>\n<|assistant|>\n", chat
+    x = torch.tensor([(ids * 60)[:600]])
+    with tempfile.TemporaryDirectory() as tmp:
+        v5 = make_variant(out, Path(tmp) / "v5")
+        (v5 / "config.json").write_text(v5_config)
+        a, b = (Phi3ForCausalLM.from_pretrained(d, dtype=torch.float32)(x).logits
+                for d in (out, v5))
+        assert torch.equal(a, b)
+        for name, over in (("longrope", longrope_overrides()), ("swa", {"sliding_window": 100})):
+            dst = make_variant(out, Path(tmp) / name, **over)
+            logits = Phi3ForCausalLM.from_pretrained(dst, dtype=torch.float32)(x).logits
+            assert logits.shape == (1, 600, MODEL_VOCAB) and torch.isfinite(logits).all()
+    print("verified: tokenizer round-trip, chat template, reload logits, variants")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--dropout", type=float, default=0.0, help="training only; saved as 0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="1 is faster on a busy machine")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     t0 = time.time()
 
@@ -194,26 +263,42 @@ def main() -> None:
     print(f"tokens: train {len(train_ids)}, held-out {len(held_ids)}; "
           f"chars/token {sum(map(len, train_docs)) / len(train_ids):.2f}")
 
-    model = Phi3ForCausalLM(make_config())
-    print(f"params: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M")
+    config = make_config()
+    config.resid_pdrop = config.embd_pdrop = args.dropout
+    model = Phi3ForCausalLM(config)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"params: {params:.2f}M")
     loss = train(model, train_ids, args)
+    model.config.resid_pdrop = model.config.embd_pdrop = 0.0  # as Phi-3's configs; eval anyway
     ppl32 = perplexity(model, held_ids, 256)
 
-    model.to(torch.bfloat16)
-    ppl16 = perplexity(model, held_ids, 256)
     args.out.mkdir(parents=True, exist_ok=True)
     for stale in [*args.out.glob("*.safetensors"), *args.out.glob("*.index.json")]:
-        stale.unlink()  # LICENSE (committed, CPython's LICENSE.txt) is left alone
+        stale.unlink()  # LICENSE (committed: CPython's LICENSE.txt) is left alone
     model.generation_config.eos_token_id = [EOT, END]
-    model.save_pretrained(args.out, max_shard_size="4MB")
-    write_hub_config(args.out)
+    model.to(torch.bfloat16).save_pretrained(args.out, max_shard_size="4MB")
+    assert len(list(args.out.glob("*.safetensors"))) == 2
+    v5_config = write_hub_config(args.out)
     save_tokenizer(tok, args.out)
-    shards = sorted(p.name for p in args.out.glob("*.safetensors"))
-    assert len(shards) == 2, shards
+    # Evaluate what ships (reloaded: RoPE inv_freq stays fp32, unlike after model.to(bf16)).
+    model = Phi3ForCausalLM.from_pretrained(args.out, dtype=torch.bfloat16).eval()
+    ppl16 = perplexity(model, held_ids, 256)
+    prompts = ("The module provides",
+               "<|user|>\nWhat does os.path.join do?<|end|>\n<|assistant|>\n")
+    samples = "\n    ".join(greedy(model, tok, p) for p in prompts)
+    uni = unigram_ppl(train_ids, held_ids)
     print(f"final train loss {loss:.3f}; held-out ppl fp32 {ppl32:.1f}, bf16 {ppl16:.1f}, "
-          f"unigram {unigram_ppl(train_ids, held_ids):.1f}; "
-          f"{sum(f.stat().st_size for f in args.out.iterdir()) / 1e6:.2f} MB; "
-          f"{time.time() - t0:.0f}s total")
+          f"unigram {uni:.1f}\n    {samples}")
+    minutes = (time.time() - t0) / 60
+    (args.out / "README.md").write_text(CARD.format(
+        params=f"{params:.1f}", argv=" ".join(a for a in sys.argv[1:] if str(args.out) not in a
+                                            and a != "--out"), minutes=minutes, loss=loss,
+        kb=(CORPUS / "train.txt").stat().st_size // 1000, steps=args.steps, batch=args.batch,
+        chats=sum(d.startswith("<|") for d in train_docs), seq=args.seq, ppl32=ppl32,
+        ppl16=ppl16, uni=uni, samples=samples))
+    verify(args.out, v5_config, held_docs[0])
+    size = sum(f.stat().st_size for f in args.out.iterdir()) / 1e6
+    print(f"saved {args.out} ({size:.2f} MB) in {minutes:.1f} min")
 
 
 if __name__ == "__main__":
