@@ -18,6 +18,8 @@ from phi3_onnx.targets import Target
 
 MANIFEST = "manifest.json"
 FORMAT = "phi3-onnx/1"
+BUNDLE = "bundle.json"
+BUNDLE_FORMAT = "phi3-onnx-bundle/1"
 # The oldest runtimes whose ops (GQA with rotary + local window, MatMulNBits accuracy levels) and
 # genai_config keys these packages use.
 MIN_VERSIONS = {"onnxruntime": "1.20.0", "onnxruntime-genai": "0.5.0"}
@@ -97,3 +99,16 @@ def read_manifest(folder: Path) -> Manifest:
         return Manifest.from_dict(json.loads(path.read_text()))
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise Phi3OnnxError(f"{path} is corrupt ({type(exc).__name__}: {exc})") from None
+
+
+def bundle_document(source: str, variants: list[tuple[str, Manifest]]) -> dict[str, Any]:
+    """bundle.json: the variant folders (named by target) with enough to list them without opening each."""
+    return {
+        "format": BUNDLE_FORMAT,
+        "source": source,
+        "variants": [
+            {"name": name, "path": name, "provider": m.target.provider, "io_dtype": m.target.io_dtype,
+             "weights": m.target.weight_dtype, "quant": m.target.quant.method if m.target.quant else None}
+            for name, m in variants
+        ],
+    }

@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.exporters import package
-from phi3_onnx.manifest import read_manifest
-from phi3_onnx.runtime.package import BUNDLE, bundle_document
+from phi3_onnx.manifest import BUNDLE, bundle_document, read_manifest
 
 
 def _check_targets(targets: Sequence[str]) -> list[str]:
@@ -62,16 +60,11 @@ def export_bundle(
     if output.exists() and not force:
         raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
     plans = {n: _overrides_for(n, block_size, accuracy_level) for n in names}  # validates every name first
-    tmp = package.temp_folder_for(output)
-    try:
+    with package.staged_folder(output, force) as tmp:
         for name, overrides in plans.items():
             package.export(str(model), name, tmp / name, max_length=max_length, progress=progress,
                            calibration=calibration, calibration_samples=calibration_samples, **overrides)
         manifests = [(name, read_manifest(tmp / name)) for name in names]
         doc = bundle_document(manifests[0][1].source, manifests)
         (tmp / BUNDLE).write_text(json.dumps(doc, indent=2) + "\n")
-        package.commit_folder(tmp, output, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

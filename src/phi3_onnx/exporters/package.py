@@ -11,6 +11,8 @@ import json
 import os
 import platform
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,15 +151,6 @@ def write_package(plan: ExportPlan, weights: WeightSource, dest: Path, progress:
     write_manifest(dest, manifest)
 
 
-def commit_folder(tmp: Path, output: Path, force: bool) -> None:
-    """Move a finished temp folder into place; replace `output` only with force."""
-    if output.exists():
-        if not force:
-            raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
-        shutil.rmtree(output) if output.is_dir() else output.unlink()
-    tmp.rename(output)
-
-
 def temp_folder_for(output: Path) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
@@ -165,6 +158,22 @@ def temp_folder_for(output: Path) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
+
+
+@contextmanager
+def staged_folder(output: Path, force: bool) -> Iterator[Path]:
+    """A temp folder beside `output`, renamed into place on success and removed on any error."""
+    if output.exists() and not force:
+        raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
+    tmp = temp_folder_for(output)
+    try:
+        yield tmp
+        if output.exists():
+            shutil.rmtree(output) if output.is_dir() else output.unlink()
+        tmp.rename(output)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _awq_weights(plan: ExportPlan, calibration: str | None, samples: int | None, progress: bool) -> WeightSource | None:
@@ -206,12 +215,7 @@ def export(
         raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
     plan, ckpt = plan_export(str(model), target, output, max_length=max_length,
                              block_size=block_size, accuracy_level=accuracy_level)
-    tmp = temp_folder_for(output)
-    try:
+    with staged_folder(output, force) as tmp:
         weights = weights or _awq_weights(plan, calibration, calibration_samples, progress) or ckpt
         write_package(plan, weights, tmp, progress)
-        commit_folder(tmp, output, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

@@ -9,14 +9,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from phi3_onnx.errors import Phi3OnnxError
-from phi3_onnx.manifest import MANIFEST, Manifest, read_manifest, sha256_file
+from phi3_onnx.manifest import BUNDLE, BUNDLE_FORMAT, MANIFEST, Manifest, read_manifest, sha256_file
 from phi3_onnx.runtime.providers import PROVIDER_ORDER, Choice, Environment, choose_provider
 
-BUNDLE = "bundle.json"
-BUNDLE_FORMAT = "phi3-onnx-bundle/1"
 # Among variants for one EP: AWQ int4 (most accurate int4), then RTN int4, then unquantized.
 QUANT_RANK = {"awq": 0, "rtn": 1, None: 2}
 
@@ -63,19 +60,6 @@ def check_files(folder: Path, manifest: Manifest, verify: bool) -> None:
             raise Phi3OnnxError(f"{path} is {size} bytes but {MANIFEST} says {entry.size}: copy the package again")
         if verify and sha256_file(path) != entry.sha256:
             raise Phi3OnnxError(f"{path} does not match its sha256 in {MANIFEST}: the package is corrupt")
-
-
-def bundle_document(source: str, variants: list[tuple[str, Manifest]]) -> dict[str, Any]:
-    """bundle.json: the variant folders (named by target) with enough to list them without opening each."""
-    return {
-        "format": BUNDLE_FORMAT,
-        "source": source,
-        "variants": [
-            {"name": name, "path": name, "provider": m.target.provider, "io_dtype": m.target.io_dtype,
-             "weights": m.target.weight_dtype, "quant": m.target.quant.method if m.target.quant else None}
-            for name, m in variants
-        ],
-    }
 
 
 def read_bundle(path: Path) -> list[Variant]:
