@@ -55,7 +55,7 @@ def _check_cached_decode(pkg: Path, model: Phi3ForCausalLM, ids: np.ndarray, pre
     """Prefill `prefix` tokens, then one token at a time; PyTorch's cache keeps keys as first rotated."""
     sess = _session(pkg)
     names = [o.name for o in sess.get_outputs()]
-    past, cache, worst = _empty_past(sess), DynamicCache(config=model.config), 0.0
+    past, cache = _empty_past(sess), DynamicCache(config=model.config)
     steps = [(0, prefix)] + [(t, t + 1) for t in range(prefix, ids.shape[1])]
     got_all, ref_all = [], []
     for a, b in steps:
