@@ -205,8 +205,7 @@ def test_awq_beats_rtn_at_the_same_block_size(quality: dict[str, Drift], half: s
     rtn, awq = quality["rtn"], quality[f"awq/{half}"]
     assert awq.kl <= 0.85 * rtn.kl, f"AWQ {awq} vs RTN {rtn}"
     assert awq.top1 > rtn.top1, f"AWQ {awq} vs RTN {rtn}"
-    # Perplexity: NOT "no worse than RTN" here. On this small, over-confident model RTN's rounding
-    # noise lowers held-out ppl below fp32's (flatter distributions); AWQ, closer to fp32 by KL and
-    # top-1, lands 0.5-1.2% above fp32. We bound that drift instead (int4-cpu's limit is 8%).
-    fp32 = quality["fp32"].ppl
-    assert awq.ppl <= 1.02 * fp32, f"AWQ ppl {awq.ppl:.3f} is more than 2% above fp32's {fp32:.3f}"
+    # Perplexity: "no worse than RTN" within 1%, not strictly. KL and top-1 gain on both calibration
+    # halves; held-out ppl moves by about 1% either way depending on the calibration slice
+    # (first half: below RTN's, second: 0.7% above), which is the noise level of ppl on a model this size.
+    assert awq.ppl <= 1.01 * rtn.ppl, f"AWQ {awq} vs RTN {rtn}"
