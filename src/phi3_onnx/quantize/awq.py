@@ -127,9 +127,7 @@ def run_layer(spec: ModelSpec, w: tp.LayerWeights, x: torch.Tensor, rope: tp.Rot
     stats: dict[str, LinearStats] = {}
     stride = max(1, x.shape[0] * x.shape[1] // settings.search_tokens)
 
-    def observe(name: str, inp: torch.Tensor, residual: torch.Tensor | None) -> None:
-        if residual is not None:  # error relative to the residual it lands in, token by token
-            inp = inp * torch.rsqrt(residual.pow(2).mean(-1, keepdim=True) + spec.rms_norm_eps)
+    def observe(name: str, inp: torch.Tensor) -> None:
         if name not in stats:
             k = inp.shape[1]
             stats[name] = LinearStats(inp.new_zeros(k), inp.new_zeros(k // block, block, block))

@@ -21,7 +21,7 @@ from phi3_onnx.spec import ModelSpec
 LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
 
-Observer = Callable[[str, torch.Tensor, "torch.Tensor | None"], None]  # (linear, input [tokens, in], residual [tokens, hidden])
+Observer = Callable[[str, torch.Tensor], None]  # (linear name, its input [tokens, in_features])
 
 
 @dataclass
@@ -103,25 +103,15 @@ def attention(spec: ModelSpec, qkv: torch.Tensor, rope: Rotary) -> torch.Tensor:
 
 
 def layer_forward(spec: ModelSpec, w: LayerWeights, x: torch.Tensor, rope: Rotary, observe: Observer | None = None) -> torch.Tensor:
-    """One decoder layer on hidden states [batch, seq, hidden].
-
-    `observe(name, input, residual)` sees each linear's input, and for o_proj and down_proj the
-    residual stream they add into (the next RMSNorm divides their error by its magnitude).
-    """
-    def seen(name: str, inp: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+    """One decoder layer on hidden states [batch, seq, hidden]; `observe` sees each linear's input."""
+    def linear(name: str, inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if observe is not None:
-            flat = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-            observe(name, inp.reshape(-1, inp.shape[-1]), flat)
+            observe(name, inp.reshape(-1, inp.shape[-1]))
+        return inp @ weight.T
 
     h = rms_norm(x, w.input_layernorm, spec.rms_norm_eps)
-    seen("self_attn.qkv_proj", h)
-    attn = attention(spec, h @ w.qkv_proj.T, rope)
-    x = x + attn @ w.o_proj.T
-    seen("self_attn.o_proj", attn, x)
+    attn = attention(spec, linear("self_attn.qkv_proj", h, w.qkv_proj), rope)
+    x = x + linear("self_attn.o_proj", attn, w.o_proj)
     h = rms_norm(x, w.post_attention_layernorm, spec.rms_norm_eps)
-    seen("mlp.gate_up_proj", h)
-    gate, up = (h @ w.gate_up_proj.T).chunk(2, -1)
-    act = F.silu(gate) * up
-    x = x + act @ w.down_proj.T
-    seen("mlp.down_proj", act, x)
-    return x
+    gate, up = linear("mlp.gate_up_proj", h, w.gate_up_proj).chunk(2, -1)
+    return x + linear("mlp.down_proj", F.silu(gate) * up, w.down_proj)
