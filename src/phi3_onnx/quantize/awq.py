@@ -188,7 +188,7 @@ def fold(spec: ModelSpec, name: str, w: torch.Tensor, s: LayerScales) -> torch.T
 
 @dataclass
 class AwqLayer:
-    """Everything AWQ decided for one layer: the scales and, per linear, each block's clip index."""
+    """Everything AWQ decided for one layer: the scales and, per linear, each block's clip and refit."""
 
     scales: LayerScales
     blocks: dict[str, BlockChoice]  # linear name -> per-block clip and refit
@@ -270,7 +270,7 @@ _LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
 
 
 class AwqWeights:
-    """A `WeightSource`: the checkpoint's tensors with AWQ's scales folded in and clipping applied."""
+    """A `WeightSource`: the checkpoint's tensors with AWQ's scales folded in and its block choices applied."""
 
     def __init__(self, ckpt: SafetensorsCheckpoint, spec: ModelSpec, result: AwqResult, block: int, grid: SearchGrid, clip: bool = True):
         self.ckpt, self.spec, self.result, self.block, self.grid, self.clip = ckpt, spec, result, block, grid, clip
