@@ -166,6 +166,17 @@ def test_cli_missing_calibration_file_is_one_line(tiny_ckpt: Path, tmp_path: Pat
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial*"))
 
 
+def test_cli_awq_export_with_calibration_options(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    import json
+
+    calib = calibration_halves(tmp_path)[0]
+    code, err = _cli(capsys, ["export", "-m", str(tiny_ckpt), "-t", "int4-awq-cpu", "-o", str(tmp_path / "o"),
+                              "--calibration", str(calib), "--calibration-samples", "2"])
+    assert code == 0, err
+    assert "AWQ calibration (2 x 256 tokens)" in err, err  # the option reached the quantizer
+    assert json.loads((tmp_path / "o/manifest.json").read_text())["target"]["quant"]["method"] == "awq"
+
+
 def test_cli_without_torch_names_the_extra(tiny_ckpt: Path, tmp_path: Path) -> None:
     """A fresh interpreter where `import torch` fails like an absent install: one line naming the extra."""
     import subprocess
