@@ -74,22 +74,35 @@ class GraphBuilder:
         return value
 
 
+@dataclass
+class _Int4Entry:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    value: Int4Packed | None = None
+    taken: set[str] = field(default_factory=set)
+
+
 class _Int4Cache:
-    """Quantize a weight once for its two initializers (packed blocks, scales), then forget it."""
+    """Quantize a weight once for all its initializers (blocks, scales, zero points), then forget it.
+
+    One lock per weight, so the save workers quantize different weights in parallel.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._done: dict[str, tuple[Int4Packed, set[str]]] = {}
+        self._entries: dict[str, _Int4Entry] = {}
 
-    def take(self, key: str, part: str, make: Callable[[], Int4Packed]) -> np.ndarray:
+    def take(self, key: str, part: str, parts: frozenset[str], make: Callable[[], Int4Packed]) -> np.ndarray:
         with self._lock:
-            q, taken = self._done.get(key) or (make(), set())
-            taken.add(part)
-            if taken >= {"packed", "scales"}:
-                self._done.pop(key, None)
-            else:
-                self._done[key] = (q, taken)
-        return getattr(q, part)
+            entry = self._entries.setdefault(key, _Int4Entry())
+        with entry.lock:
+            if entry.value is None:
+                entry.value = make()
+            entry.taken.add(part)
+            value = getattr(entry.value, part)
+            if entry.taken >= parts:
+                with self._lock:
+                    self._entries.pop(key, None)
+        return value
 
 
 @dataclass
@@ -163,16 +176,16 @@ def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: WeightRef | str, 
         return quantize_int4(ref.read(ctx.weights), bs, recipe.symmetric, ctx.np_dtype)
 
     key = ref.name
-    packed = ctx.b.lazy(
-        f"{key}_Q4", lambda: ctx.int4.take(key, "packed", quantized), ir.DataType.UINT8, (out_f, k_blocks, bs // 2)
-    )
-    scales = ctx.b.lazy(f"{key}_scales", lambda: ctx.int4.take(key, "scales", quantized), ctx.dtype, (out_f * k_blocks,))
+    parts = frozenset({"packed", "scales"} if recipe.symmetric else {"packed", "scales", "zero_points"})
+
+    def part(name: str) -> Callable[[], np.ndarray]:
+        return lambda: ctx.int4.take(key, name, parts, quantized)
+
+    packed = ctx.b.lazy(f"{key}_Q4", part("packed"), ir.DataType.UINT8, (out_f, k_blocks, bs // 2))
+    scales = ctx.b.lazy(f"{key}_scales", part("scales"), ctx.dtype, (out_f * k_blocks,))
     inputs = [x, packed, scales]
     if not recipe.symmetric:
-        zp = ctx.b.lazy(
-            f"{key}_zp", lambda: quantized().zero_points, ir.DataType.UINT8, (out_f, (k_blocks + 1) // 2)
-        )
-        inputs.append(zp)
+        inputs.append(ctx.b.lazy(f"{key}_zp", part("zero_points"), ir.DataType.UINT8, (out_f, (k_blocks + 1) // 2)))
     return ctx.b.op(
         "MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
         K=in_f, N=out_f, bits=recipe.bits, block_size=bs, accuracy_level=recipe.accuracy_level,
