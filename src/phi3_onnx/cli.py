@@ -27,10 +27,6 @@ app = typer.Typer(
 TARGET_HELP = "Target from the registry: " + ", ".join(TARGETS)
 
 
-def _progress_enabled(quiet: bool) -> bool:
-    return not quiet
-
-
 @app.command()
 def export(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hugging Face hub id (owner/name)")],
@@ -58,12 +54,12 @@ def export(
         from phi3_onnx.exporters.bundle import export_bundle
 
         path = export_bundle(model, target, output, force=force, max_length=max_length, block_size=block_size,
-                             accuracy_level=accuracy_level, progress=_progress_enabled(quiet),
+                             accuracy_level=accuracy_level, progress=not quiet,
                              calibration=str(calibration) if calibration else None, calibration_samples=calibration_samples)
         typer.echo(f"wrote bundle {path} ({', '.join(target)})")
         return
     path = package.export(model, target[0], output, force=force, max_length=max_length, block_size=block_size,
-                          accuracy_level=accuracy_level, progress=_progress_enabled(quiet),
+                          accuracy_level=accuracy_level, progress=not quiet,
                           calibration=str(calibration) if calibration else None, calibration_samples=calibration_samples)
     typer.echo(f"wrote {path}")
 

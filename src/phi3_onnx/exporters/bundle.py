@@ -57,8 +57,7 @@ def export_bundle(
     """
     output = Path(output)
     names = _check_targets(targets)
-    if output.exists() and not force:
-        raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
+    package.refuse_existing(output, force)
     plans = {n: _overrides_for(n, block_size, accuracy_level) for n in names}  # validates every name first
     with package.staged_folder(output, force) as tmp:
         for name, overrides in plans.items():

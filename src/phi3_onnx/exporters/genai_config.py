@@ -33,10 +33,8 @@ def default_max_length(spec: ModelSpec) -> int:
     return min(spec.max_position_embeddings, 4096)
 
 
-def genai_config(spec: ModelSpec, target: Target, max_length: int, intra_op_threads: int | None = None) -> dict[str, Any]:
+def genai_config(spec: ModelSpec, target: Target, max_length: int) -> dict[str, Any]:
     session: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": PROVIDER_OPTIONS[target.provider]}
-    if intra_op_threads:
-        session["intra_op_num_threads"] = intra_op_threads
     eos = list(spec.eos_token_ids) or [spec.pad_token_id]
     return {
         "model": {

@@ -160,11 +160,16 @@ def temp_folder_for(output: Path) -> Path:
     return tmp
 
 
+def refuse_existing(output: Path, force: bool) -> None:
+    """Checked before any slow work starts, and again when the folder is staged."""
+    if output.exists() and not force:
+        raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
+
+
 @contextmanager
 def staged_folder(output: Path, force: bool) -> Iterator[Path]:
     """A temp folder beside `output`, renamed into place on success and removed on any error."""
-    if output.exists() and not force:
-        raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
+    refuse_existing(output, force)
     tmp = temp_folder_for(output)
     try:
         yield tmp
@@ -211,8 +216,7 @@ def export(
     calibrate on `calibration` (a text file; None: the built-in one), `calibration_samples` sequences.
     """
     output = Path(output)
-    if output.exists() and not force:
-        raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
+    refuse_existing(output, force)
     plan, ckpt = plan_export(str(model), target, output, max_length=max_length,
                              block_size=block_size, accuracy_level=accuracy_level)
     with staged_folder(output, force) as tmp:
