@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint, spec_from_folder  # noqa: E402
 from phi3_onnx.quantize import torch_phi3 as tp  # noqa: E402
-from phi3_onnx.quantize.awq import AwqSettings, awq_weights, calibration_text  # noqa: E402
+from phi3_onnx.quantize.awq import AwqSettings, awq_weights, calibration_text, qkv_rows  # noqa: E402
 from phi3_onnx.quantize.awq_search import BlockChoice, SearchGrid, apply_blocks, fake_int4  # noqa: E402
 from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4  # noqa: E402
 from phi3_onnx.targets import TARGETS, Target  # noqa: E402
@@ -111,7 +111,7 @@ def test_layer_forward_matches_transformers(tiny_ckpt: Path) -> None:
 
 
 def random_choice(rng: np.random.Generator, rows: int, blocks: int) -> BlockChoice:
-    clip = torch.from_numpy(rng.integers(0, 20, (rows, blocks)).astype(np.uint8))
+    clip = torch.from_numpy(rng.integers(0, SearchGrid().clip_points, (rows, blocks)).astype(np.uint8))
     return BlockChoice(clip, torch.from_numpy(rng.uniform(0.8, 1.25, (rows, blocks)).astype(np.float16)))
 
 
@@ -132,10 +132,25 @@ def test_block_choice_sets_ort_scale(tiny_ckpt: Path) -> None:
     """A block returned as alpha * clamp(w, ±c) gets ORT scale alpha * c / 8: the choice reaches the package."""
     w = torch.from_numpy(SafetensorsCheckpoint(tiny_ckpt).read("model.layers.0.mlp.down_proj.weight"))
     shape = (w.shape[0], w.shape[1] // BLOCK)
-    choice = BlockChoice(torch.full(shape, 10, dtype=torch.uint8), torch.full(shape, 1.125, dtype=torch.float16))
+    step = SearchGrid().clip_points // 2  # shrink 1 - max_shrink / 2 = 0.75
+    choice = BlockChoice(torch.full(shape, step, dtype=torch.uint8), torch.full(shape, 1.125, dtype=torch.float16))
     scales = np.abs(quantize_int4(apply_blocks(w, choice, BLOCK, SearchGrid()).numpy(), BLOCK).scales)
     absmax = w.abs().reshape(w.shape[0], -1, BLOCK).amax(-1).numpy().reshape(-1)
-    np.testing.assert_allclose(scales, 1.125 * 0.75 * absmax / 8, rtol=1e-6)  # grid step 10 = 0.75
+    np.testing.assert_allclose(scales, 1.125 * 0.75 * absmax / 8, rtol=1e-6)
+
+
+def test_qkv_rows_of_some_kv_heads_give_their_attention_output(tiny_ckpt: Path) -> None:
+    """The qkv scale search's head subset: attention over those rows is the full attention's slice (GQA)."""
+    spec, ckpt = spec_from_folder(tiny_ckpt), SafetensorsCheckpoint(tiny_ckpt)
+    w = tp.load_layer(ckpt, 1, torch.device("cpu"))
+    h = torch.randn(2, 64, spec.hidden_size)
+    rope = tp.rotary_for(spec, 64, torch.device("cpu"))
+    kv_heads = torch.tensor([1, 3])
+    rows, sizes = qkv_rows(spec, kv_heads)
+    sub = tp.attend(spec, *(h @ w.qkv_proj[rows].T).split(sizes, -1), rope)
+    group, hd = spec.num_heads // spec.num_kv_heads, spec.head_dim
+    full = tp.attention(spec, h @ w.qkv_proj.T, rope).view(2, 64, spec.num_kv_heads, group * hd)
+    torch.testing.assert_close(sub, full[:, :, kv_heads].reshape(2, 64, -1), rtol=1e-5, atol=1e-6)
 
 
 def test_folded_scales_leave_the_float_model_unchanged(tiny_ckpt: Path, exported, tmp_path: Path) -> None:
@@ -216,7 +231,6 @@ def test_awq_beats_rtn_at_the_same_block_size(quality: dict[str, Drift], half: s
     rtn, awq = quality["rtn"], quality[f"awq/{half}"]
     assert awq.kl <= 0.85 * rtn.kl, f"AWQ {awq} vs RTN {rtn}"
     assert awq.top1 > rtn.top1, f"AWQ {awq} vs RTN {rtn}"
-    # Perplexity: "no worse than RTN" within 1%, not strictly. KL and top-1 gain on both calibration
-    # halves; held-out ppl lands a few tenths of a percent either side of RTN's depending on the
-    # calibration slice (first half: 0.3% below, second: 0.3% above), the noise level of ppl here.
-    assert awq.ppl <= 1.01 * rtn.ppl, f"AWQ {awq} vs RTN {rtn}"
+    # Perplexity: no worse than RTN's, strictly. Measured (24 x 256 held-out tokens): RTN 203.19;
+    # AWQ 202.73 calibrated on the first half, 201.94 on the second (KL 0.57x RTN's on both).
+    assert awq.ppl <= rtn.ppl, f"AWQ {awq} vs RTN {rtn}"

@@ -89,17 +89,25 @@ def _causal_mask(spec: ModelSpec, seq_len: int, device: torch.device) -> torch.T
     return (dist >= 0) & (dist < window)
 
 
+def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rotary) -> torch.Tensor:
+    """Causal attention of q [batch, seq, q_heads * head_dim] over k, v [batch, seq, kv_heads * head_dim].
+
+    Any whole number of query heads per KV head (GQA): AWQ's scale search calls it on a subset of
+    KV heads with their query heads. Returns [batch, seq, q_heads * head_dim].
+    """
+    b, n, _ = q.shape
+    hd = spec.head_dim
+    q = _rotate(q.view(b, n, -1, hd).transpose(1, 2), rope)
+    k = _rotate(k.view(b, n, -1, hd).transpose(1, 2), rope)
+    v = v.view(b, n, -1, hd).transpose(1, 2)
+    mask = _causal_mask(spec, n, q.device)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    return out.transpose(1, 2).reshape(b, n, -1)
+
+
 def attention(spec: ModelSpec, qkv: torch.Tensor, rope: Rotary) -> torch.Tensor:
     """Causal GQA over packed qkv [batch, seq, qkv_dim] -> [batch, seq, hidden]."""
-    b, n, _ = qkv.shape
-    hd = spec.head_dim
-    q, k, v = qkv.split([spec.hidden_size, spec.kv_dim, spec.kv_dim], -1)
-    q = _rotate(q.view(b, n, spec.num_heads, hd).transpose(1, 2), rope)
-    k = _rotate(k.view(b, n, spec.num_kv_heads, hd).transpose(1, 2), rope)
-    v = v.view(b, n, spec.num_kv_heads, hd).transpose(1, 2)
-    mask = _causal_mask(spec, n, qkv.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
-    return out.transpose(1, 2).reshape(b, n, spec.hidden_size)
+    return attend(spec, *qkv.split([spec.hidden_size, spec.kv_dim, spec.kv_dim], -1), rope)
 
 
 def layer_forward(spec: ModelSpec, w: LayerWeights, x: torch.Tensor, rope: Rotary, observe: Observer | None = None) -> torch.Tensor:
