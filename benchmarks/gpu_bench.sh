@@ -9,8 +9,10 @@
 # chunk in halves, `split -n 2 -d -a 1 partNN` -> partNNa/partNNb; install.sh's `cat ortgpu.part*` keeps the order):
 #   export PYTHONPATH=/tmp/site:$PWD/src; bash benchmarks/gpu_bench.sh        (carry [".bench"])
 # .bench/ holds copies of ../shared/anchors/{make_random,og_bench}.py (git-ignored).
-# Knobs: BLOCK (int4 block size, 32), REPS (3), SKIP_LONG=1, SKIP_PROFILE=1, WINDOW_PROBE=1, FPA_INTB=1,
-#        EXTRA_TARGETS="name:target:block ..." (more of our exports, benchmarked after the four main ones)
+# Knobs: BLOCK (int4 block size, 32), REPS (3), ROUNDS (1), SKIP_LONG=1, SKIP_CHECKS=1, SKIP_PROFILE=1,
+#        WINDOW_PROBE=1, FPA_INTB=1, XQA_ENV=1 (also bench ours with ORT_ENABLE_XQA=1),
+#        SKIP_DECODE=1, EXTRA_TARGETS="name:target:block:context ..." (more of our exports, benchmarked after
+#        the four main ones; block and context (--context-length) may be empty)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/bench.log"; RES="$OUT/results.jsonl"; : > "$RES"
@@ -30,13 +32,14 @@ stamp "make random mini-4k"
 [ -f "$W/ckpt/config.json" ] || python3 .bench/make_random.py mini-4k "$W/ckpt" || exit 1
 
 # ---- exports, in parallel (16 cores, 128 GB: builder int4 ~20 GB, fp16 ~10 GB)
-ours() {  # name target [block]
+ours() {  # name target [block] [context_length]
   [ -f "$M/$1/genai_config.json" ] && { echo "reuse $M/$1"; return; }
-  python3 - "$W/ckpt" "$2" "$M/$1" "${3:-}" <<'PY'
+  python3 - "$W/ckpt" "$2" "$M/$1" "${3:-}" "${4:-}" <<'PY'
 import sys, time
 from phi3_onnx import export
 t = time.time()
-export(sys.argv[1], sys.argv[2], sys.argv[3], force=True, block_size=int(sys.argv[4]) if sys.argv[4] else None)
+export(sys.argv[1], sys.argv[2], sys.argv[3], force=True, block_size=int(sys.argv[4]) if sys.argv[4] else None,
+       context_length=int(sys.argv[5]) if sys.argv[5] else None)
 print(f"exported {sys.argv[3]} in {time.time() - t:.0f}s", flush=True)
 PY
 }
@@ -51,7 +54,7 @@ ours ours-int4 int4-cuda "$BLOCK" > "$W/ours-int4.log" 2>&1 & pids+=($!)
 ours ours-fp16 fp16-cuda > "$W/ours-fp16.log" 2>&1 & pids+=($!)
 builder builder-int4 int4 & pids+=($!)
 builder builder-fp16 fp16 & pids+=($!)
-for extra in ${EXTRA_TARGETS:-}; do IFS=: read -r n tg bs <<<"$extra"; ours "$n" "$tg" "$bs" > "$W/$n.log" 2>&1 & pids+=($!); done
+for extra in ${EXTRA_TARGETS:-}; do IFS=: read -r n tg bs ctx <<<"$extra"; ours "$n" "$tg" "$bs" "$ctx" > "$W/$n.log" 2>&1 & pids+=($!); done
 wait "${pids[@]}"
 tail -n 3 "$W"/ours-*.log
 du -sh "$M"/* 2>/dev/null
@@ -88,9 +91,13 @@ onnx.save(m, f"{dst}/model.onnx")
 PY
 fi
 stamp "decode benchmarks"
-for m in builder-int4 ours-int4 builder-fp16 ours-fp16; do bench "$m"; done
-for extra in ${EXTRA_TARGETS:-}; do bench "${extra%%:*}"; done
-[ -n "${WINDOW_PROBE:-}" ] && bench probe-int4-nowindow
+[ -n "${SKIP_DECODE:-}" ] || for round in $(seq "${ROUNDS:-1}"); do  # rounds alternate the models (A B A B), against drift
+  for m in builder-int4 ours-int4 builder-fp16 ours-fp16; do bench "$m"; done
+  for extra in ${EXTRA_TARGETS:-}; do bench "${extra%%:*}"; done
+  [ -n "${WINDOW_PROBE:-}" ] && bench probe-int4-nowindow
+  # XQA is opt-in for unquantized KV caches in some ORT builds: the same packages with it forced on
+  [ -n "${XQA_ENV:-}" ] && for m in ours-int4 ours-fp16; do ORT_ENABLE_XQA=1 bench "$m" "$m+xqa"; done
+done
 # ORT's fpA_intB (TensorRT-LLM weight-only) GEMV/GEMM for MatMulNBits: a runtime switch (env var
 # ORT_FPA_INTB_GEMM=1 or session config ep.cuda.fpa_intb_gemm=1), applied to builder and ours alike.
 if [ -n "${FPA_INTB:-}" ]; then
@@ -127,14 +134,17 @@ PY
 fi
 
 # ---- LongRoPE under CUDA graphs, and the DirectML-shaped graph on the CUDA EP (tiny checkpoints)
-stamp "longrope + dml checks"
-timeout 180 python3 "$here/gpu_checks.py" longrope "$W/tiny" 2>&1 | tail -4 | collect
-timeout 120 python3 "$here/gpu_checks.py" dml "$W/tiny" 2>&1 | tail -3 | collect
+if [ -z "${SKIP_CHECKS:-}" ]; then
+  stamp "longrope + dml + sliding-window checks"
+  timeout 180 python3 "$here/gpu_checks.py" longrope "$W/tiny" 2>&1 | tail -4 | collect
+  timeout 120 python3 "$here/gpu_checks.py" dml "$W/tiny" 2>&1 | tail -3 | collect
+  timeout 180 python3 "$here/gpu_checks.py" window "$W/tiny" 2>&1 | tail -6 | collect
+fi
 
 # ---- where the time goes: GPU kernel time per kernel (CUPTI via torch.profiler), CUDA graph on
 if [ -z "${SKIP_PROFILE:-}" ]; then
   stamp "profile"
-  for m in ours-int4 builder-int4; do
+  for m in ours-int4 builder-int4 ${PROFILE_EXTRA:-}; do
     timeout 120 python3 "$here/gpu_checks.py" profile "$M/$m" 16 256 2>&1 | tail -2 | collect
   done
   [ -n "${FPA_INTB:-}" ] && ORT_FPA_INTB_GEMM=1 timeout 120 python3 "$here/gpu_checks.py" profile "$M/ours-int4" 16 256 2>&1 | tail -1 | collect

@@ -4,6 +4,7 @@ usage:
   gpu_checks.py long MODEL PROMPT MAX_LEN [graph|nograph] [SAVE.npy]   long prompt, decode to MAX_LEN
   gpu_checks.py longrope WORK                LongRoPE switch under CUDA graphs (padded mask)
   gpu_checks.py dml WORK                     int4-awq-dml graph on the CUDA EP vs the CPU EP
+  gpu_checks.py window WORK                  sliding window (tiny, window 100) under CUDA graphs vs the CPU EP
   gpu_checks.py profile MODEL PROMPT NEW     per-op-type GPU time (ORT profiling, CUDA graph off)
 Every subcommand prints one `RESULT {json}` line that gpu_bench.sh collects.
 """
@@ -151,6 +152,25 @@ def cmd_dml(work: str) -> None:
            max_abs_diff=float(np.abs(a - b).max()), logit_scale=float(np.abs(b).max()))
 
 
+def cmd_window(work: str) -> None:
+    """Trained tiny weights with a 100-token window: greedy on the CUDA EP (CUDA graph on) far past the
+    window, then the CPU EP teacher-forced on the same tokens. Disagreement once the window slides
+    would mean the CUDA decode kernel applies the window differently from the CPU one."""
+    from phi3_onnx import export
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import TINY_PHI3, make_variant
+
+    ckpt = make_variant(TINY_PHI3, Path(work) / "tiny-sw100", sliding_window=100)
+    prompt = np.random.default_rng(5).integers(3, 2000, size=16)
+    for target in ("fp16-cuda", "int4-cuda"):
+        pkg = export(ckpt, target, Path(work) / f"sw-{target}", force=True, max_length=512)
+        seq, _, _ = generate(pkg, prompt, 480)
+        agree = cpu_teacher_forced_argmax(pkg, seq[:-1], 16)[15:] == seq[16:]
+        result(check="window", target=target, window=100, generated=len(seq),
+               cpu_agree_inside_window=float(agree[: 100 - 16].mean()), cpu_agree_past_window=float(agree[100 - 16 :].mean()))
+
+
 def run_session(pkg: Path, ids: np.ndarray, provider: str, prompt: int = 12) -> np.ndarray:
     import onnxruntime as ort
 
@@ -201,5 +221,5 @@ def cmd_profile(model: str, prompt: str, new: str) -> None:
 
 
 if __name__ == "__main__":
-    commands = {"long": cmd_long, "longrope": cmd_longrope, "dml": cmd_dml, "profile": cmd_profile}
+    commands = {"long": cmd_long, "longrope": cmd_longrope, "dml": cmd_dml, "window": cmd_window, "profile": cmd_profile}
     commands[sys.argv[1]](*sys.argv[2:])

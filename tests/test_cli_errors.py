@@ -96,6 +96,16 @@ def test_bad_block_size(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
     _assert_one_line_error(code, err, "power of two")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--context-length", "5000"], "--context-length: context length must be in 1..4096"),
+    (["--context-length", "64", "--max-length", "65"], "--max-length must be in 1..64"),
+])
+def test_bad_context_length(tiny_ckpt: Path, tmp_path: Path, capsys, args: list[str], message: str) -> None:
+    code, err = _run(capsys, ["export", "-m", str(tiny_ckpt), "-t", "int4-cpu", "-o", str(tmp_path / "o"), *args])
+    _assert_one_line_error(code, err, message)
+    assert not (tmp_path / "o").exists()
+
+
 def test_existing_output_needs_force(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "o"
     out.mkdir()

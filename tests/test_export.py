@@ -92,6 +92,31 @@ def test_fp32_sliding_window(exported, tiny_sliding_ckpt) -> None:
     _check_cached_decode(pkg, model, ids[:, :260], prefix=20)
 
 
+def _gqa_windows(pkg: Path) -> set[int]:
+    model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+    return {a.i for n in model.graph.node if n.op_type == "GroupQueryAttention" for a in n.attribute if a.name == "local_window_size"}
+
+
+def test_context_inside_the_window_needs_no_window(exported, tiny_sliding_ckpt) -> None:
+    """--context-length 100 with a 100-token window: no window in the graph, same logits as
+    transformers (which applies its window) over the whole capped context, and genai refuses more."""
+    import onnxruntime_genai as og
+
+    pkg, model = exported("fp32-cpu", tiny_sliding_ckpt, context_length=100), _reference(tiny_sliding_ckpt)
+    assert _gqa_windows(pkg) == {-1}
+    assert _gqa_windows(exported("fp32-cpu", tiny_sliding_ckpt, context_length=101)) == {100}
+    genai = json.loads((pkg / "genai_config.json").read_text())
+    assert genai["model"]["context_length"] == 100 and genai["search"]["max_length"] == 100
+    ids = _ids(100, seed=4)
+    _check_prefill(pkg, model, ids)
+    _check_cached_decode(pkg, model, ids, prefix=10)
+    og_model = og.Model(str(pkg))
+    params = og.GeneratorParams(og_model)
+    params.set_search_options(max_length=101)
+    with pytest.raises(Exception, match="context_length"):
+        og.Generator(og_model, params)
+
+
 def _genai_greedy(pkg: Path, prompt: np.ndarray, new_tokens: int) -> list[int]:
     import onnxruntime_genai as og
 

@@ -40,6 +40,9 @@ def export(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")] = False,
     calibration: Annotated[Optional[Path], typer.Option(help="AWQ targets: calibration text file (default: the built-in one)")] = None,
     calibration_samples: Annotated[Optional[int], typer.Option(help="AWQ targets: calibration sequences of 256 tokens (default 8)")] = None,
+    context_length: Annotated[Optional[int], typer.Option(help=(
+        "Cap the package's context (default: the model's). Phi-3-mini-4k at <= 2047 needs no sliding "
+        "window in the graph: faster CUDA decode"))] = None,
 ) -> None:
     """Export a Phi-3 checkpoint to an ONNX Runtime package (several --target: a bundle, one folder each)."""
     from phi3_onnx.exporters import package
@@ -47,19 +50,20 @@ def export(
     if dry_run:
         for name in target:
             plan, _ = package.plan_export(model, name, output / name if len(target) > 1 else output,
-                                          max_length=max_length, block_size=block_size, accuracy_level=accuracy_level)
+                                          max_length=max_length, block_size=block_size, accuracy_level=accuracy_level,
+                                          context_length=context_length)
             _print_plan(plan)
         return
     if len(target) > 1:
         from phi3_onnx.exporters.bundle import export_bundle
 
         path = export_bundle(model, target, output, force=force, max_length=max_length, block_size=block_size,
-                             accuracy_level=accuracy_level, progress=not quiet,
+                             accuracy_level=accuracy_level, progress=not quiet, context_length=context_length,
                              calibration=str(calibration) if calibration else None, calibration_samples=calibration_samples)
         typer.echo(f"wrote bundle {path} ({', '.join(target)})")
         return
     path = package.export(model, target[0], output, force=force, max_length=max_length, block_size=block_size,
-                          accuracy_level=accuracy_level, progress=not quiet,
+                          accuracy_level=accuracy_level, progress=not quiet, context_length=context_length,
                           calibration=str(calibration) if calibration else None, calibration_samples=calibration_samples)
     typer.echo(f"wrote {path}")
 
@@ -72,6 +76,8 @@ def _print_plan(plan) -> None:
     typer.echo(f"files:      {', '.join(plan.files)}")
     typer.echo(f"weights:    {plan.weight_bytes / gib:.2f} GiB in model.onnx.data")
     typer.echo(f"max_length: {plan.max_length}")
+    window = plan.spec.attention_window
+    typer.echo(f"context:    {plan.spec.max_position_embeddings} tokens, " + (f"sliding window {window}" if window else "no sliding window"))
     typer.echo(f"peak RAM:   ~{plan.peak_ram_bytes / gib:.1f} GiB (estimate)")
 
 

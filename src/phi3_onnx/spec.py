@@ -55,6 +55,17 @@ class ModelSpec:
     def qkv_dim(self) -> int:
         return self.hidden_size + 2 * self.kv_dim
 
+    def with_context(self, tokens: int) -> ModelSpec:
+        """This model served with a shorter context (a package's `--context-length`).
+
+        Only the context shrinks: LongRoPE's factors and attention scaling stay as published. When
+        the context fits inside the sliding window, `attention_window` becomes None, so the graph
+        needs no window: exact, since no query can then see past it.
+        """
+        if not 0 < tokens <= self.max_position_embeddings:
+            raise ValueError(f"context length must be in 1..{self.max_position_embeddings}, got {tokens}")
+        return dataclasses.replace(self, max_position_embeddings=tokens)
+
     @property
     def attention_window(self) -> int | None:
         """Keys a query may see (itself included), or None when the window covers the whole context."""

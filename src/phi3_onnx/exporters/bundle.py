@@ -49,6 +49,7 @@ def export_bundle(
     progress: bool = False,
     calibration: str | None = None,
     calibration_samples: int | None = None,
+    context_length: int | None = None,
 ) -> Path:
     """Export `model` once per target into `output/<target>/` and write `output/bundle.json`.
 
@@ -62,7 +63,8 @@ def export_bundle(
     with package.staged_folder(output, force) as tmp:
         for name, overrides in plans.items():
             package.export(str(model), name, tmp / name, max_length=max_length, progress=progress,
-                           calibration=calibration, calibration_samples=calibration_samples, **overrides)
+                           calibration=calibration, calibration_samples=calibration_samples,
+                           context_length=context_length, **overrides)
         manifests = [(name, read_manifest(tmp / name)) for name in names]
         doc = bundle_document(manifests[0][1].source, manifests)
         (tmp / BUNDLE).write_text(json.dumps(doc, indent=2) + "\n")

@@ -72,6 +72,13 @@ def _resolve_target(target: str | Target, block_size: int | None, accuracy_level
         raise Phi3OnnxError(str(exc.args[0])) from None
 
 
+def _with_context(spec: ModelSpec, tokens: int | None) -> ModelSpec:
+    try:
+        return spec if tokens is None else spec.with_context(tokens)
+    except ValueError as exc:
+        raise Phi3OnnxError(f"--context-length: {exc}") from None
+
+
 def _check_block_size(spec: ModelSpec, target: Target) -> None:
     if target.quant is None:
         return
@@ -89,11 +96,12 @@ def plan_export(
     max_length: int | None = None,
     block_size: int | None = None,
     accuracy_level: int | None = None,
+    context_length: int | None = None,
 ) -> tuple[ExportPlan, SafetensorsCheckpoint]:
     """Validate every input before anything is written."""
     tgt = _resolve_target(target, block_size, accuracy_level)
     source = resolve_model(model)
-    spec = spec_from_folder(source)
+    spec = _with_context(spec_from_folder(source), context_length)
     _check_block_size(spec, tgt)
     ckpt = SafetensorsCheckpoint(source)
     check_tensors(ckpt, spec)
@@ -208,17 +216,19 @@ def export(
     weights: WeightSource | None = None,
     calibration: str | None = None,
     calibration_samples: int | None = None,
+    context_length: int | None = None,
 ) -> Path:
     """Export one checkpoint to one target package folder; returns the folder.
 
     `weights` replaces the checkpoint as the tensor source (the AWQ quantizer passes its
     rescaled view); by default tensors are streamed from the safetensors files. AWQ targets
     calibrate on `calibration` (a text file; None: the built-in one), `calibration_samples` sequences.
+    `context_length` caps the package's context (genai refuses longer sequences); see `ModelSpec.with_context`.
     """
     output = Path(output)
     refuse_existing(output, force)
     plan, ckpt = plan_export(str(model), target, output, max_length=max_length,
-                             block_size=block_size, accuracy_level=accuracy_level)
+                             block_size=block_size, accuracy_level=accuracy_level, context_length=context_length)
     with staged_folder(output, force) as tmp:
         weights = weights or _awq_weights(plan, calibration, calibration_samples, progress) or ckpt
         write_package(plan, weights, tmp, progress)
