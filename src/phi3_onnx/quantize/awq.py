@@ -59,7 +59,11 @@ def _usable_cores() -> int:
 
 @dataclass(frozen=True)
 class AwqSettings:
-    """How much calibration data AWQ sees; defaults sized for Phi-3-mini in ~21 min on 2 CPU cores."""
+    """How much calibration data AWQ sees; defaults sized for Phi-3-mini in ~22 min on 2 CPU cores.
+
+    (Measured per layer on full-size Phi-3-mini shapes, random weights, one core: ~27 s, of which
+    forward 6, scale search 5, clip search 15; 32 layers + lm_head + packing ~22 min.)
+    """
 
     samples: int = DEFAULT_SAMPLES  # calibration sequences
     seq_len: int = 256  # tokens per sequence
