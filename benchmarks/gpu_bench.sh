@@ -9,14 +9,15 @@
 # chunk in halves, `split -n 2 -d -a 1 partNN` -> partNNa/partNNb; install.sh's `cat ortgpu.part*` keeps the order):
 #   export PYTHONPATH=/tmp/site:$PWD/src; bash benchmarks/gpu_bench.sh        (carry [".bench"])
 # .bench/ holds copies of ../shared/anchors/{make_random,og_bench}.py (git-ignored).
-# Knobs: BLOCK (int4 block size, 32), REPS (3), ROUNDS (1), SKIP_LONG=1, SKIP_CHECKS=1, SKIP_PROFILE=1,
+# Knobs: MODEL (make_random preset, mini-4k), ONLY_INT4=1 (no fp16 exports), BLOCK (int4 block size, 32), REPS (3), ROUNDS (1), SKIP_LONG=1, SKIP_CHECKS=1, SKIP_PROFILE=1,
 #        WINDOW_PROBE=1, FPA_INTB=1, XQA_ENV=1 (also bench ours with ORT_ENABLE_XQA=1),
 #        SKIP_DECODE=1, EXTRA_TARGETS="name:target:block:context ..." (more of our exports, benchmarked after
 #        the four main ones; block and context (--context-length) may be empty)
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOG="$OUT/bench.log"; RES="$OUT/results.jsonl"; : > "$RES"
-W=/tmp/bench; M=$W/models; mkdir -p "$M"
+MODEL=${MODEL:-mini-4k}; W=/tmp/bench; [ "$MODEL" = mini-4k ] || W=/tmp/bench-$MODEL
+M=$W/models; mkdir -p "$M"
 BLOCK=${BLOCK:-32}; REPS=${REPS:-3}
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$LOG") 2>&1
@@ -28,8 +29,8 @@ collect() { grep '^RESULT ' | sed 's/^RESULT //' >> "$RES"; }
 stamp "GPU: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader)"
 python3 -c "import onnxruntime as o, onnxruntime_genai as g, onnx_ir, torch, transformers as t; print('ort', o.__version__, 'genai', g.__version__, 'onnx_ir', onnx_ir.__version__, 'torch', torch.__version__, 'transformers', t.__version__)"
 
-stamp "make random mini-4k"
-[ -f "$W/ckpt/config.json" ] || python3 .bench/make_random.py mini-4k "$W/ckpt" || exit 1
+stamp "make random $MODEL"
+[ -f "$W/ckpt/config.json" ] || python3 .bench/make_random.py "$MODEL" "$W/ckpt" || exit 1
 
 # ---- exports, in parallel (16 cores, 128 GB: builder int4 ~20 GB, fp16 ~10 GB)
 ours() {  # name target [block] [context_length]
@@ -51,9 +52,9 @@ builder() {  # name precision
 stamp "exports (parallel)"
 pids=()  # explicit: a bare `wait` would also wait for the tee process substitution (never ends)
 ours ours-int4 int4-cuda "$BLOCK" > "$W/ours-int4.log" 2>&1 & pids+=($!)
-ours ours-fp16 fp16-cuda > "$W/ours-fp16.log" 2>&1 & pids+=($!)
+[ -n "${ONLY_INT4:-}" ] || { ours ours-fp16 fp16-cuda > "$W/ours-fp16.log" 2>&1 & pids+=($!); }
 builder builder-int4 int4 & pids+=($!)
-builder builder-fp16 fp16 & pids+=($!)
+[ -n "${ONLY_INT4:-}" ] || { builder builder-fp16 fp16 & pids+=($!); }
 for extra in ${EXTRA_TARGETS:-}; do IFS=: read -r n tg bs ctx <<<"$extra"; ours "$n" "$tg" "$bs" "$ctx" > "$W/$n.log" 2>&1 & pids+=($!); done
 wait "${pids[@]}"
 tail -n 3 "$W"/ours-*.log
@@ -92,7 +93,7 @@ PY
 fi
 stamp "decode benchmarks"
 [ -n "${SKIP_DECODE:-}" ] || for round in $(seq "${ROUNDS:-1}"); do  # rounds alternate the models (A B A B), against drift
-  for m in builder-int4 ours-int4 builder-fp16 ours-fp16; do bench "$m"; done
+  for m in builder-int4 ours-int4 builder-fp16 ours-fp16; do bench "$m"; done  # a missing package is skipped
   for extra in ${EXTRA_TARGETS:-}; do bench "${extra%%:*}"; done
   [ -n "${WINDOW_PROBE:-}" ] && bench probe-int4-nowindow
   # XQA is opt-in for unquantized KV caches in some ORT builds: the same packages with it forced on
@@ -135,10 +136,12 @@ fi
 
 # ---- LongRoPE under CUDA graphs, and the DirectML-shaped graph on the CUDA EP (tiny checkpoints)
 if [ -z "${SKIP_CHECKS:-}" ]; then
-  stamp "longrope + dml + sliding-window checks"
+  stamp "longrope, dml, sliding-window, runtime and AWQ checks (tiny checkpoints)"
   timeout 180 python3 "$here/gpu_checks.py" longrope "$W/tiny" 2>&1 | tail -4 | collect
   timeout 120 python3 "$here/gpu_checks.py" dml "$W/tiny" 2>&1 | tail -3 | collect
   timeout 180 python3 "$here/gpu_checks.py" window "$W/tiny" 2>&1 | tail -6 | collect
+  timeout 180 python3 "$here/gpu_checks.py" runtime "$W/tiny" 2>&1 | tail -3 | collect
+  timeout 300 python3 "$here/gpu_checks.py" awq "$W/tiny" 2>&1 | tail -3 | collect
 fi
 
 # ---- where the time goes: GPU kernel time per kernel (CUPTI via torch.profiler), CUDA graph on

@@ -5,6 +5,8 @@ usage:
   gpu_checks.py longrope WORK                LongRoPE switch under CUDA graphs (padded mask)
   gpu_checks.py dml WORK                     int4-awq-dml graph on the CUDA EP vs the CPU EP
   gpu_checks.py window WORK                  sliding window (tiny, window 100) under CUDA graphs vs the CPU EP
+  gpu_checks.py runtime WORK                 phi3_onnx.runtime.load on this machine: EP choice, bundle variant, text
+  gpu_checks.py awq WORK                     int4-awq-cuda export (AWQ on the GPU) + `phi3-onnx eval` on the CUDA EP
   gpu_checks.py profile MODEL PROMPT NEW     per-op-type GPU time (ORT profiling, CUDA graph off)
 Every subcommand prints one `RESULT {json}` line that gpu_bench.sh collects.
 """
@@ -171,6 +173,44 @@ def cmd_window(work: str) -> None:
                cpu_agree_inside_window=float(agree[: 100 - 16].mean()), cpu_agree_past_window=float(agree[100 - 16 :].mean()))
 
 
+def cmd_runtime(work: str) -> None:
+    """The runtime wrapper on a CUDA machine: `load()` must pick the CUDA EP for a CUDA package and the
+    CUDA variant of a bundle; greedy text on CUDA vs the same package forced onto the CPU EP."""
+    from phi3_onnx import export
+    from phi3_onnx.exporters.bundle import export_bundle
+    from phi3_onnx.runtime import load
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import TINY_PHI3
+
+    pkg = export(TINY_PHI3, "fp16-cuda", Path(work) / "rt-fp16-cuda", force=True)
+    prompt = [{"role": "user", "content": "How do I open a file for reading?"}]
+    gpu, cpu = load(pkg), load(pkg, device="cpu")
+    text_gpu, text_cpu = gpu.generate(prompt, max_new_tokens=48), cpu.generate(prompt, max_new_tokens=48)
+    bundle = export_bundle(TINY_PHI3, ["int4-cpu", "int4-cuda"], Path(work) / "rt-bundle", force=True)
+    chosen = load(bundle)
+    result(check="runtime", auto_provider=gpu.provider, forced_provider=cpu.provider, same_text_cuda_vs_cpu=text_gpu == text_cpu,
+           text_cuda=text_gpu[:120], bundle_variant=chosen.variant, bundle_provider=chosen.provider,
+           bundle_text=chosen.generate(prompt, max_new_tokens=24)[:80])
+
+
+def cmd_awq(work: str) -> None:
+    """AWQ calibration on the GPU (torch sees CUDA), then the drift check on the CUDA EP: exit code + metrics."""
+    from phi3_onnx.cli import main
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import TINY_PHI3
+
+    out, report = Path(work) / "awq-cuda", Path(work) / "awq-eval.json"
+    t0 = time.perf_counter()
+    code_export = main(["export", "-m", str(TINY_PHI3), "-t", "int4-awq-cuda", "-o", str(out), "--force", "-q"])
+    seconds = time.perf_counter() - t0
+    code_eval = main(["eval", str(out), "-r", str(TINY_PHI3), "-d", str(ROOT / "tests/assets/corpus/heldout.txt"), "--json", str(report)])
+    doc = json.loads(report.read_text()) if report.is_file() else {}
+    result(check="awq-cuda", export_exit=code_export, export_s=round(seconds, 1), eval_exit=code_eval,
+           variants=[{"name": v["name"], "ep": v["ep"], "status": v["status"], **v.get("metrics", {})} for v in doc.get("variants", [])])
+
+
 def run_session(pkg: Path, ids: np.ndarray, provider: str, prompt: int = 12) -> np.ndarray:
     import onnxruntime as ort
 
@@ -221,5 +261,5 @@ def cmd_profile(model: str, prompt: str, new: str) -> None:
 
 
 if __name__ == "__main__":
-    commands = {"long": cmd_long, "longrope": cmd_longrope, "dml": cmd_dml, "window": cmd_window, "profile": cmd_profile}
+    commands = {"long": cmd_long, "longrope": cmd_longrope, "dml": cmd_dml, "window": cmd_window, "runtime": cmd_runtime, "awq": cmd_awq, "profile": cmd_profile}
     commands[sys.argv[1]](*sys.argv[2:])
