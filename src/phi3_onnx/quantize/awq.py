@@ -59,10 +59,11 @@ def _usable_cores() -> int:
 
 @dataclass(frozen=True)
 class AwqSettings:
-    """How much calibration data AWQ sees; defaults sized for Phi-3-mini in ~22 min on 2 CPU cores.
+    """How much calibration data AWQ sees; defaults sized for Phi-3-mini in well under 30 min on 2 CPU cores.
 
-    (Measured per layer on full-size Phi-3-mini shapes, random weights, one core: ~27 s, of which
-    forward 6, scale search 5, clip search 15; 32 layers + lm_head + packing ~22 min.)
+    (Measured, full-size random-weight Phi-3-mini, benchmarks/awq_bench.sh on the 2-core machine:
+    calibration 736 s + packing 124 s = 14.5 min, peak RSS 2.7 GiB. One layer timed alone on one
+    core: ~27 s, of which forward 6, scale search 5, clip search 15.)
     """
 
     samples: int = DEFAULT_SAMPLES  # calibration sequences
