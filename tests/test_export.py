@@ -117,6 +117,16 @@ def test_context_inside_the_window_needs_no_window(exported, tiny_sliding_ckpt) 
         og.Generator(og_model, params)
 
 
+def test_capped_context_keeps_longrope_scaling(exported, tiny_longrope_ckpt) -> None:
+    """LongRoPE's attention factor comes from the published context, not the cap: same logits as
+    transformers (uncapped config) across the original-context switch."""
+    pkg, model = exported("fp32-cpu", tiny_longrope_ckpt, context_length=140), _reference(tiny_longrope_ckpt)
+    assert read_manifest(pkg).model.max_position_embeddings == 140 < model.config.max_position_embeddings
+    ids = _ids(140, seed=5)
+    _check_prefill(pkg, model, ids)
+    _check_cached_decode(pkg, model, ids, prefix=30)
+
+
 def _genai_greedy(pkg: Path, prompt: np.ndarray, new_tokens: int) -> list[int]:
     import onnxruntime_genai as og
 
