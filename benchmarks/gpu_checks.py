@@ -14,7 +14,6 @@ Every subcommand prints one `RESULT {json}` line that gpu_bench.sh collects.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -24,6 +23,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT / "src"))  # PYTHONPATH (e.g. a snapshot) wins
+sys.path.append(str(ROOT / "tests"))  # helpers: the tiny trained checkpoint and its variants
 
 
 def result(**kv) -> None:
@@ -86,7 +86,6 @@ def cmd_long(model: str, prompt: str, max_len: str, mode: str = "graph", save: s
 
 def tiny_longrope_ckpt(work: Path) -> Path:
     """The tiny trained checkpoint's LongRoPE variant if committed, else a random tiny LongRoPE Phi-3."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from helpers import TINY_PHI3, longrope_overrides, make_variant
 
     dst = work / "tiny-longrope"
@@ -136,8 +135,6 @@ def cmd_longrope(work: str) -> None:
 
 def cmd_dml(work: str) -> None:
     """The DirectML-shaped graph (separate q/k/v, RotaryEmbedding, position_ids) on the CUDA EP vs the CPU EP."""
-    import onnxruntime as ort
-
     from phi3_onnx import export
     from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint
     from phi3_onnx.manifest import read_manifest
@@ -160,7 +157,6 @@ def cmd_window(work: str) -> None:
     would mean the CUDA decode kernel applies the window differently from the CPU one."""
     from phi3_onnx import export
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from helpers import TINY_PHI3, make_variant
 
     ckpt = make_variant(TINY_PHI3, Path(work) / "tiny-sw100", sliding_window=100)
@@ -180,7 +176,6 @@ def cmd_runtime(work: str) -> None:
     from phi3_onnx.exporters.bundle import export_bundle
     from phi3_onnx.runtime import load
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from helpers import TINY_PHI3
 
     pkg = export(TINY_PHI3, "fp16-cuda", Path(work) / "rt-fp16-cuda", force=True)
@@ -198,7 +193,6 @@ def cmd_awq(work: str) -> None:
     """AWQ calibration on the GPU (torch sees CUDA), then the drift check on the CUDA EP: exit code + metrics."""
     from phi3_onnx.cli import main
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from helpers import TINY_PHI3
 
     out, report = Path(work) / "awq-cuda", Path(work) / "awq-eval.json"
