@@ -136,7 +136,7 @@ def cmd_longrope(work: str) -> None:
 def cmd_dml(work: str) -> None:
     """The DirectML-shaped graph (separate q/k/v, RotaryEmbedding, position_ids) on the CUDA EP vs the CPU EP."""
     from phi3_onnx import export
-    from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint
+    from phi3_onnx.checkpoint import SafetensorsCheckpoint
     from phi3_onnx.manifest import read_manifest
 
     ckpt = tiny_longrope_ckpt(Path(work))
@@ -173,7 +173,7 @@ def cmd_runtime(work: str) -> None:
     """The runtime wrapper on a CUDA machine: `load()` must pick the CUDA EP for a CUDA package and the
     CUDA variant of a bundle; greedy text on CUDA vs the same package forced onto the CPU EP."""
     from phi3_onnx import export
-    from phi3_onnx.exporters.bundle import export_bundle
+    from phi3_onnx.package.bundle import export_bundle
     from phi3_onnx.runtime import load
 
     from helpers import TINY_PHI3

@@ -8,6 +8,7 @@ that the calibration text does not contain.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint, spec_from_folder  # noqa: E402
+from phi3_onnx.checkpoint import SafetensorsCheckpoint, spec_from_folder  # noqa: E402
+from phi3_onnx.manifest import read_manifest  # noqa: E402
 from phi3_onnx.quantize import torch_phi3 as tp  # noqa: E402
 from phi3_onnx.quantize.awq import AwqSettings, awq_weights, calibration_text, qkv_rows  # noqa: E402
 from phi3_onnx.quantize.awq_search import BlockChoice, SearchGrid, apply_blocks, fake_int4  # noqa: E402
@@ -220,6 +222,10 @@ def quality(tiny_ckpt: Path, exported, tmp_path_factory: pytest.TempPathFactory)
         # through the exporter's AWQ dispatch, with the shipped defaults (8 x 256 tokens)
         pkg = export(tiny_ckpt, awq_target(), tmp / f"awq-{half.stem}", calibration=str(half))
         results[f"awq/{half.stem}"] = drift(ref, package_logprobs(pkg, ids), ids)
+        recorded = read_manifest(pkg).recipe["quantization"]
+        assert recorded["method"] == "awq" and recorded["block_size"] == BLOCK
+        assert recorded["calibration"] == {"file": half.name, "sha256": hashlib.sha256(half.read_bytes()).hexdigest(),
+                                           "samples": 8, "tokens_per_sample": 256}
     print(f"\nheld-out drift from fp32, {ids.size} tokens, int4 block {BLOCK}:")
     for name, d in results.items():
         print(f"  {name:28s} {d}" + (f"  (KL {d.kl / results['rtn'].kl:.2f} x RTN)" if name.startswith("awq") else ""))

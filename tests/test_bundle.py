@@ -8,8 +8,8 @@ import pytest
 
 from phi3_onnx.cli import main
 from phi3_onnx.errors import Phi3OnnxError
-from phi3_onnx.exporters import bundle as bundle_mod
-from phi3_onnx.exporters.bundle import export_bundle
+from phi3_onnx.package import bundle as bundle_mod
+from phi3_onnx.package.bundle import export_bundle
 from phi3_onnx.manifest import read_manifest
 from phi3_onnx.runtime import load, plan_load
 
@@ -46,16 +46,16 @@ def test_load_picks_variant_for_this_cpu_machine(bundle, exported):
 
 
 def test_failed_bundle_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
-    real = bundle_mod.package.export
+    real = bundle_mod.pipeline.export
     calls = []
 
-    def flaky(model, target, output, **kw):
+    def flaky(model, target, output, *args, **kw):
         calls.append(target)
         if len(calls) == 2:
             raise RuntimeError("disk full")
-        return real(model, target, output, **kw)
+        return real(model, target, output, *args, **kw)
 
-    monkeypatch.setattr(bundle_mod.package, "export", flaky)
+    monkeypatch.setattr(bundle_mod.pipeline, "export", flaky)
     with pytest.raises(RuntimeError, match="disk full"):
         export_bundle(tiny_ckpt, ["int4-cpu", "fp32-cpu"], tmp_path / "b")
     assert list(tmp_path.iterdir()) == []

@@ -236,7 +236,7 @@ def test_package_reference_needs_no_torch_and_no_exporter(int4, fp32):
         f"r = evaluate(Path({str(int4)!r}), {str(fp32)!r}, EvalOptions(Path({str(HELDOUT)!r}), max_tokens=128))\n"
         "assert r.passed, r.summary()\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')\n"
-        "             or m.startswith(('phi3_onnx.exporters', 'phi3_onnx.quantize')))\n"
+        "             or m.startswith(('phi3_onnx.checkpoint', 'phi3_onnx.graph', 'phi3_onnx.quantize', 'phi3_onnx.package')))\n"
         "print('IMPORTED', bad)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -236,7 +236,7 @@ def _random_deep_checkpoint(tiny_ckpt: Path, dst: Path, layers: int) -> Path:
     """The tiny config with many layers and random fp32 weights, so weights dwarf fixed overheads."""
     from safetensors.numpy import save_file
 
-    from phi3_onnx.exporters.checkpoint import expected_tensors, spec_from_folder
+    from phi3_onnx.checkpoint import expected_tensors, spec_from_folder
 
     dst.mkdir()
     cfg = json.loads((tiny_ckpt / "config.json").read_text()) | {"num_hidden_layers": layers}
@@ -276,3 +276,16 @@ def test_plain_inference_session_runs_batch_of_two(exported, target) -> None:
     both = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), **_empty_past(sess, 2)})[0]
     one = sess.run(["logits"], {"input_ids": ids[1:], "attention_mask": np.ones_like(ids[1:]), **_empty_past(sess)})[0]
     np.testing.assert_allclose(both[1:], one, atol=1e-3 * (one.max() - one.min()))
+
+
+def test_manifest_records_the_recipe_that_ran(exported, tiny_ckpt, tiny_sliding_ckpt) -> None:
+    """The manifest says what actually ran: quantizer, block size, accuracy level; context and KV sizes."""
+    rtn = read_manifest(exported("int4-cpu", block_size=64)).recipe
+    assert rtn["quantization"] == {"method": "rtn", "bits": 4, "block_size": 64, "accuracy_level": 4,
+                                        "symmetric": True, "quantize_lm_head": True}
+    spec = read_manifest(exported("int4-cpu")).model
+    assert read_manifest(exported("int4-cpu")).recipe["context_length"] == spec.max_position_embeddings
+    fp32 = read_manifest(exported("fp32-cpu")).recipe
+    assert fp32["quantization"] is None and fp32["context_capped"] is False
+    capped = read_manifest(exported("int4-cuda", tiny_sliding_ckpt, context_length=100)).recipe
+    assert capped["context_length"] == 100 and capped["context_capped"] is True and capped["max_length"] == 100

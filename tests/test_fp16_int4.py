@@ -176,7 +176,7 @@ def test_longrope_with_padded_mask_and_shared_buffer(exported, tiny_longrope_ckp
 def test_dml_target_runs_on_cpu_close_to_its_cuda_twin(exported, tiny_ckpt: Path) -> None:
     """int4-awq-dml's graph (fp16, block 128, separate rotary) runs on the CPU EP; structure-only
     weights (plain checkpoint) so it is compared with the same recipe in the packed CUDA shape."""
-    from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint
+    from phi3_onnx.checkpoint import SafetensorsCheckpoint
 
     dml = TARGETS["int4-awq-dml"]
     twin = dataclasses.replace(TARGETS["int4-cuda"], name="int4-cuda-b128", quant=dml.quant)

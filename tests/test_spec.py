@@ -8,7 +8,7 @@ import math
 import pytest
 
 from phi3_onnx.errors import Phi3OnnxError
-from phi3_onnx.exporters.checkpoint import PRESET_NAMES, preset, preset_config, spec_from_config, spec_from_folder
+from phi3_onnx.checkpoint import PRESET_NAMES, preset, preset_config, spec_from_config, spec_from_folder
 
 
 def _v5_form(cfg: dict) -> dict:

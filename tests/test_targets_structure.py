@@ -21,7 +21,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint
+from phi3_onnx.checkpoint import SafetensorsCheckpoint
 from phi3_onnx.manifest import read_manifest
 from phi3_onnx.targets import TARGETS, Target
 

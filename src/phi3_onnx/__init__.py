@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from phi3_onnx.version import __version__
 
 
-def export(model, target, output, **overrides):
+def export(model, target, output, options=None, *, force=False, progress=False, weights=None, **overrides):
     """Export a Phi-3 checkpoint (folder or hub id) to a package folder for `target`; returns its path.
 
-    Overrides: force, max_length, block_size, accuracy_level, progress. See `phi3_onnx.exporters.package.export`.
+    `options` is a `phi3_onnx.package.ExportOptions`; or pass its fields as keywords (max_length,
+    context_length, block_size, accuracy_level, calibration="file.txt", calibration_samples=N).
     """
-    from phi3_onnx.exporters.package import export as _export
+    from phi3_onnx.package import ExportOptions, pipeline
 
-    return _export(model, target, output, **overrides)
+    if options is not None and overrides:
+        raise TypeError("pass either options= or keyword overrides, not both")
+    opts = options if options is not None else ExportOptions.of(**overrides)
+    return pipeline.export(model, target, output, opts, force=force, progress=progress, weights=weights)
 
 
-__all__ = ["__version__", "export"]
+def export_bundle(model, targets, output, options=None, *, force=False, progress=False, **overrides):
+    """Export one checkpoint for several targets: one package folder each plus bundle.json."""
+    from phi3_onnx.package import ExportOptions, bundle
+
+    if options is not None and overrides:
+        raise TypeError("pass either options= or keyword overrides, not both")
+    opts = options if options is not None else ExportOptions.of(**overrides)
+    return bundle.export_bundle(model, targets, output, opts, force=force, progress=progress)
+
+
+__all__ = ["__version__", "export", "export_bundle"]

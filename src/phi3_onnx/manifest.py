@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,9 @@ class Manifest:
     tool_versions: dict[str, str]
     requires: dict[str, str]
     source: str
+    # what actually ran: the quantizer's record (method, block size, calibration file + sha256, ...)
+    # and the context/KV sizes the package was built for
+    recipe: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -50,6 +53,7 @@ class Manifest:
             "max_length": self.max_length,
             "requires": self.requires,
             "tool_versions": self.tool_versions,
+            "recipe": self.recipe,
             "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.files.items())},
         }
 
@@ -65,6 +69,7 @@ class Manifest:
             tool_versions=dict(data.get("tool_versions", {})),
             requires=dict(data.get("requires", {})),
             source=str(data.get("source", "")),
+            recipe=dict(data.get("recipe") or {}),
         )
 
 

@@ -1,7 +1,7 @@
 """Model spec: the typed description of a Phi-3 checkpoint that every stage reads.
 
 A `ModelSpec` is pure data. The exporter builds it from a checkpoint's config.json
-(`phi3_onnx.exporters.checkpoint.spec_from_config`); the package manifest stores it with
+(`phi3_onnx.checkpoint.spec_from_config`); the package manifest stores it with
 `to_dict()`, and the runtime reads it back with `from_dict()` without importing the exporter.
 """
 

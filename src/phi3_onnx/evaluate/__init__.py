@@ -1,7 +1,7 @@
 """Accuracy-drift check of exported packages against a reference (`phi3-onnx eval`).
 
 Reads packages only through their manifest.json and runs them with plain onnxruntime; it imports
-nothing from the exporters or quantizers, so CI can check a bundle with just the runtime installed.
+nothing from the checkpoint, graph, quantize or package stages, so CI can check a bundle with just the runtime installed.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from phi3_onnx import __version__
+from phi3_onnx.version import __version__
 from phi3_onnx.evaluate.limits import Failure, ResolvedLimits
 from phi3_onnx.evaluate.metrics import DriftMetrics
 

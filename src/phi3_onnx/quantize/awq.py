@@ -29,7 +29,6 @@ query heads sharing a KV head (geometric mean), which keeps the fold exact for a
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -41,15 +40,17 @@ import torch
 import torch.nn.functional as F
 
 from phi3_onnx.errors import Phi3OnnxError
-from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint
+from phi3_onnx.checkpoint.reader import SafetensorsCheckpoint
+from phi3_onnx.checkpoint.tensors import parse_name, tensor_name
 from phi3_onnx.progress import task
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import QuantRecipe
+from phi3_onnx.quantize import CALIBRATION_SEQ_LEN, DEFAULT_CALIBRATION_SAMPLES
 from phi3_onnx.quantize import torch_phi3 as tp
 from phi3_onnx.quantize.awq_search import (BlockChoice, SearchGrid, apply_blocks, best_scale, block_gram, evenly_spaced,
                                            normalized_weight_mean, scale_candidates, search_blocks, search_scale)
 
-DEFAULT_SAMPLES = 8
+DEFAULT_SAMPLES = DEFAULT_CALIBRATION_SAMPLES
 
 
 def _usable_cores() -> int:
@@ -67,7 +68,7 @@ class AwqSettings:
     """
 
     samples: int = DEFAULT_SAMPLES  # calibration sequences
-    seq_len: int = 256  # tokens per sequence
+    seq_len: int = CALIBRATION_SEQ_LEN  # tokens per sequence
     search_tokens: int = 512  # tokens (evenly subsampled) whose output error the scale search measures
     batch: int = 4  # sequences per forward pass
     # CPU threads for the search: all cores but one. On a shared 2-core machine OpenMP's spinning
@@ -173,21 +174,21 @@ def v_row_scale(spec: ModelSpec, s_o: torch.Tensor) -> torch.Tensor:
 
 
 def fold(spec: ModelSpec, name: str, w: torch.Tensor, s: LayerScales) -> torch.Tensor:
-    """One layer tensor (name inside the layer, without '.weight') with the scales folded in."""
+    """One layer tensor (its role in `checkpoint.tensors`) with the scales folded in."""
     h, i = spec.hidden_size, spec.intermediate_size
     if name == "input_layernorm":
         return w / s.qkv
     if name == "post_attention_layernorm":
         return w / s.gate_up
-    if name == "self_attn.qkv_proj":
+    if name == "qkv_proj":
         w = w * s.qkv
         w[h + spec.kv_dim:] /= v_row_scale(spec, s.o)[:, None]
         return w
-    if name == "mlp.gate_up_proj":
+    if name == "gate_up_proj":
         w = w * s.gate_up
         w[i:] /= s.down[:, None]
         return w
-    return w * (s.o if name == "self_attn.o_proj" else s.down)
+    return w * (s.o if name == "o_proj" else s.down)
 
 
 # ----------------------------------------------------------------------------- per-layer search
@@ -215,10 +216,10 @@ def search_layer_scales(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, Li
         return search_scale(weight, tie(st.x_mean), st.x_sample(), block, grid, tie)
 
     return LayerScales(
-        qkv=search_qkv_scale(spec, w, stats["self_attn.qkv_proj"].x_mean, x, rope, block, settings),
-        o=search("self_attn.o_proj", w.o_proj, lambda s: tie_heads(spec, s)),
-        gate_up=search_gate_up_scale(spec, w, stats["mlp.gate_up_proj"], block, grid),
-        down=search("mlp.down_proj", w.down_proj),
+        qkv=search_qkv_scale(spec, w, stats["qkv_proj"].x_mean, x, rope, block, settings),
+        o=search("o_proj", w.o_proj, lambda s: tie_heads(spec, s)),
+        gate_up=search_gate_up_scale(spec, w, stats["gate_up_proj"], block, grid),
+        down=search("down_proj", w.down_proj),
     )
 
 
@@ -277,7 +278,7 @@ def search_gate_up_scale(spec: ModelSpec, w: tp.LayerWeights, stats: LinearStats
 
 
 def _input_scale(s: LayerScales, name: str) -> torch.Tensor:
-    return {"self_attn.qkv_proj": s.qkv, "self_attn.o_proj": s.o, "mlp.gate_up_proj": s.gate_up, "mlp.down_proj": s.down}[name]
+    return {"qkv_proj": s.qkv, "o_proj": s.o, "gate_up_proj": s.gate_up, "down_proj": s.down}[name]
 
 
 def scaled_gram(stats: LinearStats, s: torch.Tensor, block: int) -> torch.Tensor:
@@ -290,7 +291,7 @@ def search_layer_blocks(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, Li
     """Per-block clip and refit for the folded weights (row scales of the next linear included)."""
     out = {}
     for name in tp.LINEARS:
-        folded = fold(spec, name, getattr(w, name.split(".")[1]), s)
+        folded = fold(spec, name, getattr(w, name), s)
         choice = search_blocks(folded, scaled_gram(stats[name], _input_scale(s, name), block), block, grid)
         out[name] = BlockChoice(choice.clip.cpu(), choice.alpha.cpu())
     return out
@@ -313,8 +314,8 @@ def calibrate_head(spec: ModelSpec, ckpt: SafetensorsCheckpoint, x: torch.Tensor
     No input scale: on the tiny test model it bought no KL and cost perplexity (measured), so
     model.norm stays as it is.
     """
-    gamma = torch.from_numpy(ckpt.read("model.norm.weight")).to(x.device)
-    w = torch.from_numpy(ckpt.read("lm_head.weight")).to(x.device)
+    gamma = torch.from_numpy(ckpt.read(tensor_name("norm"))).to(x.device)
+    w = torch.from_numpy(ckpt.read(tensor_name("lm_head"))).to(x.device)
     h = x.shape[-1]
     gram = x.new_zeros(h // block, block, block)
     for i in range(0, x.shape[0], settings.batch):
@@ -334,9 +335,6 @@ class AwqResult:
 # ----------------------------------------------------------------------------- the weight source
 
 
-_LAYER_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
-
-
 class AwqWeights:
     """A `WeightSource`: the checkpoint's tensors with AWQ's scales folded in and its block choices applied."""
 
@@ -349,10 +347,10 @@ class AwqWeights:
 
     def read(self, name: str) -> np.ndarray:
         w = torch.from_numpy(self.ckpt.read(name))
-        m = _LAYER_TENSOR.fullmatch(name)
-        if m is not None:
-            w = self._layer_tensor(self.layers[int(m.group(1))], m.group(2), w)
-        elif self.result.head is not None and self.clip and name == "lm_head.weight":
+        key = parse_name(name)
+        if key.layer is not None:
+            w = self._layer_tensor(self.layers[key.layer], key.role, w)
+        elif self.result.head is not None and self.clip and key.role == "lm_head":
             w = apply_blocks(w, self.result.head, self.block, self.grid)
         return w.numpy().astype(np.float32, copy=False)
 
@@ -387,7 +385,7 @@ def calibrate(folder: Path, spec: ModelSpec, recipe: QuantRecipe, text: str, set
     ckpt = SafetensorsCheckpoint(folder)
     ids = calibration_ids(folder, text, settings)
     device, block = _device(), recipe.block_size
-    x = torch.from_numpy(ckpt.read("model.embed_tokens.weight"))[ids].to(device)
+    x = torch.from_numpy(ckpt.read(tensor_name("embed_tokens")))[ids].to(device)
     rope = tp.rotary_for(spec, ids.shape[1], device)
     layers, head = [], None
     title = f"AWQ calibration ({ids.shape[0]} x {ids.shape[1]} tokens)"

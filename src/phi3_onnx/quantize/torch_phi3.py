@@ -13,13 +13,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint
-from phi3_onnx.exporters.rope import rope_caches
+from phi3_onnx.checkpoint.reader import SafetensorsCheckpoint
+from phi3_onnx.checkpoint.tensors import LAYER_LINEARS, LAYER_ROLES, tensor_name
+from phi3_onnx.graph.rope import rope_caches
 from phi3_onnx.spec import ModelSpec
 
-# The four linears of a layer, by the name of their Hugging Face weight inside the layer.
-LINEARS = ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
-NORMS = ("input_layernorm", "post_attention_layernorm")
+# The four linears of a layer, by their role in the tensor table (checkpoint.tensors).
+LINEARS = LAYER_LINEARS
 
 Observer = Callable[[str, torch.Tensor], None]  # (linear name, its input [tokens, in_features])
 
@@ -36,21 +36,9 @@ class LayerWeights:
     down_proj: torch.Tensor
 
 
-def layer_prefix(layer: int) -> str:
-    return f"model.layers.{layer}."
-
-
 def load_layer(ckpt: SafetensorsCheckpoint, layer: int, device: torch.device) -> LayerWeights:
     """Read one layer from the checkpoint, widened to float32."""
-    p = layer_prefix(layer)
-
-    def t(name: str) -> torch.Tensor:
-        return torch.from_numpy(ckpt.read(p + name + ".weight")).to(device)
-
-    return LayerWeights(
-        t("input_layernorm"), t("self_attn.qkv_proj"), t("self_attn.o_proj"),
-        t("post_attention_layernorm"), t("mlp.gate_up_proj"), t("mlp.down_proj"),
-    )
+    return LayerWeights(**{role: torch.from_numpy(ckpt.read(tensor_name(role, layer))).to(device) for role in LAYER_ROLES})
 
 
 @dataclass(frozen=True)
@@ -118,8 +106,8 @@ def layer_forward(spec: ModelSpec, w: LayerWeights, x: torch.Tensor, rope: Rotar
         return inp @ weight.T
 
     h = rms_norm(x, w.input_layernorm, spec.rms_norm_eps)
-    attn = attention(spec, linear("self_attn.qkv_proj", h, w.qkv_proj), rope)
-    x = x + linear("self_attn.o_proj", attn, w.o_proj)
+    attn = attention(spec, linear("qkv_proj", h, w.qkv_proj), rope)
+    x = x + linear("o_proj", attn, w.o_proj)
     h = rms_norm(x, w.post_attention_layernorm, spec.rms_norm_eps)
-    gate, up = linear("mlp.gate_up_proj", h, w.gate_up_proj).chunk(2, -1)
-    return x + linear("mlp.down_proj", F.silu(gate) * up, w.down_proj)
+    gate, up = linear("gate_up_proj", h, w.gate_up_proj).chunk(2, -1)
+    return x + linear("down_proj", F.silu(gate) * up, w.down_proj)

@@ -1,7 +1,7 @@
 """Opening a package or a bundle of packages: manifest, file integrity, variant choice.
 
 Reads only manifest.json / bundle.json and file metadata; the exporter writes these files
-(`phi3_onnx.exporters.bundle` imports the bundle format from here, never the reverse).
+(`phi3_onnx.package.bundle` imports the bundle format from here, never the reverse).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from phi3_onnx.cli import app
+from phi3_onnx.cli.app import app
 
 Pkg = Annotated[Path, typer.Argument(help="Package folder or bundle folder (from `phi3-onnx export`)")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | dml (auto: CUDA > DirectML > CPU)")]

@@ -1,28 +1,14 @@
-"""The `phi3-onnx` command: parses arguments and calls library functions, nothing else.
-
-Exit codes: 0 ok, 1 a check failed, 2 bad input or usage. Errors are one line on stderr;
-set PHI3_ONNX_DEBUG=1 to see the traceback instead.
-"""
+"""CLI verbs of the export stage: `export` and `targets`."""
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.cli.app import app
 from phi3_onnx.targets import TARGETS
-
-app = typer.Typer(
-    name="phi3-onnx",
-    help="Export Phi-3 checkpoints to ONNX Runtime packages, run and check them.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
 
 TARGET_HELP = "Target from the registry: " + ", ".join(TARGETS)
 
@@ -45,26 +31,23 @@ def export(
         "window in the graph: faster CUDA decode"))] = None,
 ) -> None:
     """Export a Phi-3 checkpoint to an ONNX Runtime package (several --target: a bundle, one folder each)."""
-    from phi3_onnx.exporters import package
+    from phi3_onnx.package import CalibrationOptions, ExportOptions, export_bundle, pipeline
 
+    options = ExportOptions(
+        max_length=max_length, context_length=context_length, block_size=block_size, accuracy_level=accuracy_level,
+        calibration=CalibrationOptions(str(calibration) if calibration else None, calibration_samples),
+    )
     if dry_run:
         for name in target:
-            plan, _ = package.plan_export(model, name, output / name if len(target) > 1 else output,
-                                          max_length=max_length, block_size=block_size, accuracy_level=accuracy_level,
-                                          context_length=context_length)
+            out = output / name if len(target) > 1 else output
+            plan, _ = pipeline.plan_export(model, name, out, options.for_target(pipeline.resolve_target(name, ExportOptions())))
             _print_plan(plan)
         return
     if len(target) > 1:
-        from phi3_onnx.exporters.bundle import export_bundle
-
-        path = export_bundle(model, target, output, force=force, max_length=max_length, block_size=block_size,
-                             accuracy_level=accuracy_level, progress=not quiet, context_length=context_length,
-                             calibration=str(calibration) if calibration else None, calibration_samples=calibration_samples)
+        path = export_bundle(model, target, output, options, force=force, progress=not quiet)
         typer.echo(f"wrote bundle {path} ({', '.join(target)})")
         return
-    path = package.export(model, target[0], output, force=force, max_length=max_length, block_size=block_size,
-                          accuracy_level=accuracy_level, progress=not quiet, context_length=context_length,
-                          calibration=str(calibration) if calibration else None, calibration_samples=calibration_samples)
+    path = pipeline.export(model, target[0], output, options, force=force, progress=not quiet)
     typer.echo(f"wrote {path}")
 
 
@@ -92,50 +75,3 @@ def targets() -> None:
         block = str(t.quant.block_size) if t.quant else "-"
         table.add_row(t.name, t.provider, f"{t.weight_dtype} {t.quant.method if t.quant else ''}".strip(), t.io_dtype, block, t.description)
     Console(width=max(100, Console().width)).print(table)
-
-
-# Verbs of other stages live in their own modules and register on `app` when imported.
-from phi3_onnx import cli_eval, cli_runtime  # noqa: E402,F401
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: one-line errors and the documented exit codes."""
-    try:
-        app(args=argv, standalone_mode=False)
-    except Phi3OnnxError as exc:
-        if os.environ.get("PHI3_ONNX_DEBUG"):
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except Exception as exc:
-        return _click_exit(exc)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _click_exit(exc: Exception) -> int:
-    """Map typer's (vendored click) exceptions to exit codes; anything else is an internal error."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if "Exit" in names:
-        return int(getattr(exc, "exit_code", 0))
-    if "Abort" in names:
-        print("aborted", file=sys.stderr)
-        return 2
-    if "UsageError" in names:
-        print(f"error: {exc.format_message()}".replace("\n", " "), file=sys.stderr)
-        return 2
-    if os.environ.get("PHI3_ONNX_DEBUG"):
-        raise exc
-    msg = str(exc).splitlines()[0] if str(exc) else ""
-    print(f"error: internal {type(exc).__name__}: {msg} (set PHI3_ONNX_DEBUG=1 for a traceback)", file=sys.stderr)
-    return 1
-
-
-def run() -> None:
-    sys.exit(main())
-
-
-if __name__ == "__main__":
-    run()

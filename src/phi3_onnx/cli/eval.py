@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from phi3_onnx.cli import app
+from phi3_onnx.cli.app import app
 from phi3_onnx.errors import CheckFailed, Phi3OnnxError
 
 

@@ -1,8 +1,9 @@
-"""The export pipeline: checkpoint → spec → graph (lazy weights) → package folder.
+"""The export pipeline: checkpoint → spec → graph (lazy weights) → quantizer → package folder.
 
 Fixed steps, each a small function: resolve → read spec → check tensors → build graph →
-stream-save into a temp folder → genai_config + tokenizer + manifest → rename into place.
-Nothing half-written is left behind: on any error the temp folder is removed.
+quantizer prepares the weights → stream-save into a temp folder → genai_config + tokenizer +
+manifest (with the recipe that ran) → rename into place. Nothing half-written is left behind:
+on any error the temp folder is removed.
 """
 
 from __future__ import annotations
@@ -11,22 +12,24 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx_ir as ir
 
-from phi3_onnx import __version__
+from phi3_onnx.checkpoint import SafetensorsCheckpoint, check_tensors, resolve_model, spec_from_folder
 from phi3_onnx.errors import Phi3OnnxError
-from phi3_onnx.exporters.checkpoint import SafetensorsCheckpoint, check_tensors, resolve_model, spec_from_folder
-from phi3_onnx.exporters.genai_config import default_max_length, genai_config
-from phi3_onnx.exporters.graph import WeightSource, build_model
+from phi3_onnx.graph import WeightSource, build_model
 from phi3_onnx.manifest import MIN_VERSIONS, Manifest, file_entries, write_manifest
+from phi3_onnx.package.genai_config import default_max_length, genai_config
+from phi3_onnx.package.options import ExportOptions
+from phi3_onnx.package.staging import refuse_existing, staged_folder
 from phi3_onnx.progress import task
+from phi3_onnx.quantize import QuantizeInput, Quantized, get_quantizer
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target, get_target
+from phi3_onnx.version import __version__
 
 # Files copied from the checkpoint so the package is self-contained (genai reads the tokenizer
 # from the model folder) and keeps the model's licence terms.
@@ -50,6 +53,7 @@ class ExportPlan:
     weight_bytes: int
     peak_ram_bytes: int
     files: tuple[str, ...]
+    options: ExportOptions
 
 
 def _tool_versions() -> dict[str, str]:
@@ -64,10 +68,11 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
-def _resolve_target(target: str | Target, block_size: int | None, accuracy_level: int | None) -> Target:
+def resolve_target(target: str | Target, options: ExportOptions) -> Target:
+    """The registry target with the options' int4 overrides applied."""
     try:
         t = get_target(target) if isinstance(target, str) else target
-        return t.with_overrides(block_size=block_size, accuracy_level=accuracy_level)
+        return t.with_overrides(block_size=options.block_size, accuracy_level=options.accuracy_level)
     except (KeyError, ValueError) as exc:
         raise Phi3OnnxError(str(exc.args[0])) from None
 
@@ -88,24 +93,16 @@ def _check_block_size(spec: ModelSpec, target: Target) -> None:
             raise Phi3OnnxError(f"block size {bs} does not divide the layer width {k}")
 
 
-def plan_export(
-    model: str,
-    target: str | Target,
-    output: str | os.PathLike,
-    *,
-    max_length: int | None = None,
-    block_size: int | None = None,
-    accuracy_level: int | None = None,
-    context_length: int | None = None,
-) -> tuple[ExportPlan, SafetensorsCheckpoint]:
+def plan_export(model: str, target: str | Target, output: str | os.PathLike,
+                options: ExportOptions = ExportOptions()) -> tuple[ExportPlan, SafetensorsCheckpoint]:
     """Validate every input before anything is written."""
-    tgt = _resolve_target(target, block_size, accuracy_level)
+    tgt = resolve_target(target, options)
     source = resolve_model(model)
-    spec = _with_context(spec_from_folder(source), context_length)
+    spec = _with_context(spec_from_folder(source), options.context_length)
     _check_block_size(spec, tgt)
     ckpt = SafetensorsCheckpoint(source)
     check_tensors(ckpt, spec)
-    length = max_length or default_max_length(spec)
+    length = options.max_length or default_max_length(spec)
     if not 0 < length <= spec.max_position_embeddings:
         raise Phi3OnnxError(f"--max-length must be in 1..{spec.max_position_embeddings}, got {length}")
     graph = build_model(spec, tgt, ckpt)
@@ -115,7 +112,7 @@ def plan_export(
     peak = largest * 2 * 4 + 700 * 2**20
     files = ("model.onnx", "model.onnx.data", "genai_config.json", "manifest.json",
              *[f for f in AUX_FILES if (source / f).is_file()])
-    plan = ExportPlan(source, spec, tgt, Path(output), length, weight_bytes, peak, files)
+    plan = ExportPlan(source, spec, tgt, Path(output), length, weight_bytes, peak, files, options)
     return plan, ckpt
 
 
@@ -141,9 +138,11 @@ def _inline_chat_template(dest: Path) -> None:
         cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_package(plan: ExportPlan, weights: WeightSource, dest: Path, progress: bool = True) -> None:
-    """Build the graph over `weights` and write the whole package into `dest` (an empty folder)."""
-    model = build_model(plan.spec, plan.target, weights)
+def write_package(plan: ExportPlan, quantized: Quantized, dest: Path, progress: bool = True) -> None:
+    """Build the graph over the quantizer's weights and write the whole package into `dest` (an empty folder)."""
+    quant = plan.target.quant
+    pack = get_quantizer(quant.method).packer() if quant else None
+    model = build_model(plan.spec, plan.target, quantized.weights, pack)
     total = len(model.graph.initializers)
     with task(f"Writing {plan.target.name} weights", total, progress) as advance:
         # two workers: one reads/widens a tensor while the other quantizes (both release the GIL)
@@ -155,81 +154,54 @@ def write_package(plan: ExportPlan, weights: WeightSource, dest: Path, progress:
     manifest = Manifest(
         target=plan.target, model=plan.spec, max_length=plan.max_length, files=file_entries(dest),
         tool_versions=_tool_versions(), requires=dict(MIN_VERSIONS), source=plan.spec.name,
+        recipe=_recipe(plan, quantized),
     )
     write_manifest(dest, manifest)
 
 
-def temp_folder_for(output: Path) -> Path:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    return tmp
+def _recipe(plan: ExportPlan, quantized: Quantized) -> dict[str, Any]:
+    """What actually ran: the quantizer's record (None for float targets) and the context/KV sizes used."""
+    return {
+        "quantization": quantized.record if plan.target.quant else None,
+        "context_length": plan.spec.max_position_embeddings,
+        "context_capped": plan.options.context_length is not None,
+        "max_length": plan.max_length,
+    }
 
 
-def refuse_existing(output: Path, force: bool) -> None:
-    """Checked before any slow work starts, and again when the folder is staged."""
-    if output.exists() and not force:
-        raise Phi3OnnxError(f"output {output} exists; pass --force to replace it")
-
-
-@contextmanager
-def staged_folder(output: Path, force: bool) -> Iterator[Path]:
-    """A temp folder beside `output`, renamed into place on success and removed on any error."""
-    refuse_existing(output, force)
-    tmp = temp_folder_for(output)
-    try:
-        yield tmp
-        if output.exists():
-            shutil.rmtree(output) if output.is_dir() else output.unlink()
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _awq_weights(plan: ExportPlan, calibration: str | None, samples: int | None, progress: bool) -> WeightSource | None:
-    """AWQ's rescaled view of the checkpoint for AWQ targets, else None (imported lazily: needs torch)."""
-    if plan.target.quant is None or plan.target.quant.method != "awq":
-        return None
-    try:
-        from phi3_onnx.quantize import awq
-    except ModuleNotFoundError as exc:
-        if exc.name not in ("torch", "tokenizers"):
-            raise
-        raise Phi3OnnxError("AWQ calibration needs PyTorch: pip install 'phi3-onnx[awq]'") from None
-    return awq.awq_weights(plan.source, plan.spec, plan.target.quant, calibration,
-                           samples or awq.DEFAULT_SAMPLES, progress=progress)
+def quantize(plan: ExportPlan, ckpt: SafetensorsCheckpoint, progress: bool) -> Quantized:
+    """The target's quantizer over the checkpoint; float targets read the checkpoint as it is."""
+    quant = plan.target.quant
+    if quant is None:
+        return Quantized(ckpt, {})
+    job = QuantizeInput(plan.source, ckpt, plan.spec, quant, plan.options.calibration, progress)
+    return get_quantizer(quant.method).prepare(job)
 
 
 def export(
     model: str | os.PathLike,
     target: str | Target,
     output: str | os.PathLike,
+    options: ExportOptions = ExportOptions(),
     *,
     force: bool = False,
-    max_length: int | None = None,
-    block_size: int | None = None,
-    accuracy_level: int | None = None,
     progress: bool = False,
     weights: WeightSource | None = None,
-    calibration: str | None = None,
-    calibration_samples: int | None = None,
-    context_length: int | None = None,
 ) -> Path:
     """Export one checkpoint to one target package folder; returns the folder.
 
-    `weights` replaces the checkpoint as the tensor source (the AWQ quantizer passes its
-    rescaled view); by default tensors are streamed from the safetensors files. AWQ targets
-    calibrate on `calibration` (a text file; None: the built-in one), `calibration_samples` sequences.
-    `context_length` caps the package's context (genai refuses longer sequences); see `ModelSpec.with_context`.
+    `weights` replaces the quantizer's weight source (tests pass AWQ's views or the plain
+    checkpoint); by default the target's quantizer prepares them (RTN: the checkpoint as it is;
+    AWQ: calibrated on `options.calibration`).
     """
     output = Path(output)
     refuse_existing(output, force)
-    plan, ckpt = plan_export(str(model), target, output, max_length=max_length,
-                             block_size=block_size, accuracy_level=accuracy_level, context_length=context_length)
+    plan, ckpt = plan_export(str(model), target, output, options)
     with staged_folder(output, force) as tmp:
-        weights = weights or _awq_weights(plan, calibration, calibration_samples, progress) or ckpt
-        write_package(plan, weights, tmp, progress)
+        if weights is not None:
+            quantized = Quantized(weights, {"method": plan.target.quant.method if plan.target.quant else None,
+                                            "weights": "supplied by the caller"})
+        else:
+            quantized = quantize(plan, ckpt, progress)
+        write_package(plan, quantized, tmp, progress)
     return output

@@ -17,8 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from phi3_onnx.errors import Phi3OnnxError
-from phi3_onnx.exporters import package
 from phi3_onnx.manifest import BUNDLE, bundle_document, read_manifest
+from phi3_onnx.package import pipeline
+from phi3_onnx.package.options import ExportOptions
+from phi3_onnx.package.staging import refuse_existing, staged_folder
 
 
 def _check_targets(targets: Sequence[str]) -> list[str]:
@@ -31,40 +33,28 @@ def _check_targets(targets: Sequence[str]) -> list[str]:
     return names
 
 
-def _overrides_for(target: str, block_size: int | None, accuracy_level: int | None) -> dict[str, int | None]:
-    """int4 overrides apply to the quantized variants only (an fp32 variant in the same bundle ignores them)."""
-    quantized = package._resolve_target(target, None, None).quant is not None
-    return {"block_size": block_size, "accuracy_level": accuracy_level} if quantized else {}
-
-
 def export_bundle(
     model: str | os.PathLike,
     targets: Sequence[str],
     output: str | os.PathLike,
+    options: ExportOptions = ExportOptions(),
     *,
     force: bool = False,
-    max_length: int | None = None,
-    block_size: int | None = None,
-    accuracy_level: int | None = None,
     progress: bool = False,
-    calibration: str | None = None,
-    calibration_samples: int | None = None,
-    context_length: int | None = None,
 ) -> Path:
     """Export `model` once per target into `output/<target>/` and write `output/bundle.json`.
 
-    Overrides apply to every variant they fit: int4 block size / accuracy level to the quantized
-    ones, AWQ calibration (text file, samples) to the AWQ ones (`package.export` ignores it elsewhere).
+    Options apply to every variant they fit (`ExportOptions.for_target`): int4 block size /
+    accuracy level to the quantized ones, AWQ calibration to the AWQ ones.
     """
     output = Path(output)
     names = _check_targets(targets)
-    package.refuse_existing(output, force)
-    plans = {n: _overrides_for(n, block_size, accuracy_level) for n in names}  # validates every name first
-    with package.staged_folder(output, force) as tmp:
-        for name, overrides in plans.items():
-            package.export(str(model), name, tmp / name, max_length=max_length, progress=progress,
-                           calibration=calibration, calibration_samples=calibration_samples,
-                           context_length=context_length, **overrides)
+    refuse_existing(output, force)
+    # validates every name first
+    plans = {n: options.for_target(pipeline.resolve_target(n, ExportOptions())) for n in names}
+    with staged_folder(output, force) as tmp:
+        for name, variant_options in plans.items():
+            pipeline.export(str(model), name, tmp / name, variant_options, progress=progress)
         manifests = [(name, read_manifest(tmp / name)) for name in names]
         doc = bundle_document(manifests[0][1].source, manifests)
         (tmp / BUNDLE).write_text(json.dumps(doc, indent=2) + "\n")

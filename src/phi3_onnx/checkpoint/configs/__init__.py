@@ -1,0 +1,1 @@
+"""Published config.json files of the presets (package data)."""

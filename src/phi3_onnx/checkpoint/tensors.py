@@ -1,0 +1,146 @@
+"""The checkpoint's tensors as data: one table of Hugging Face names, shapes and roles.
+
+Every stage that names a checkpoint tensor goes through this table: the reader's checks
+(`check_tensors`), the graph (`phi3_onnx.graph`), AWQ and its PyTorch layer (`phi3_onnx.quantize`).
+A role that is not in the table, or a checkpoint name that matches no entry, is an error, never a
+fall-through.
+
+    role                      Hugging Face name                                   shape
+    embed_tokens              model.embed_tokens.weight                           [vocab, hidden]
+    input_layernorm           model.layers.{layer}.input_layernorm.weight         [hidden]
+    qkv_proj                  model.layers.{layer}.self_attn.qkv_proj.weight      [hidden + 2 kv, hidden]
+    o_proj                    model.layers.{layer}.self_attn.o_proj.weight        [hidden, hidden]
+    post_attention_layernorm  model.layers.{layer}.post_attention_layernorm.weight [hidden]
+    gate_up_proj              model.layers.{layer}.mlp.gate_up_proj.weight        [2 intermediate, hidden]
+    down_proj                 model.layers.{layer}.mlp.down_proj.weight           [hidden, intermediate]
+    norm                      model.norm.weight                                   [hidden]
+    lm_head                   lm_head.weight (absent when tied to embed_tokens)   [vocab, hidden]
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.spec import ModelSpec
+
+Kind = Literal["embedding", "norm", "linear"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One row of the table: a role, its Hugging Face name template and its shape for a spec."""
+
+    role: str
+    template: str  # "{layer}" stands for the decoder layer index in per-layer tensors
+    kind: Kind
+    shape: Callable[[ModelSpec], tuple[int, ...]]
+
+    @property
+    def per_layer(self) -> bool:
+        return "{layer}" in self.template
+
+    def name(self, layer: int | None = None) -> str:
+        if self.per_layer != (layer is not None):
+            raise Phi3OnnxError(f"tensor role {self.role} {'needs a' if self.per_layer else 'takes no'} layer index")
+        return self.template.format(layer=layer)
+
+
+def _table(*rows: TensorInfo) -> dict[str, TensorInfo]:
+    table: dict[str, TensorInfo] = {}
+    for row in rows:
+        if row.role in table:
+            raise ValueError(f"duplicate tensor role {row.role}")
+        table[row.role] = row
+    return table
+
+
+TENSORS: dict[str, TensorInfo] = _table(
+    TensorInfo("embed_tokens", "model.embed_tokens.weight", "embedding", lambda s: (s.vocab_size, s.hidden_size)),
+    TensorInfo("input_layernorm", "model.layers.{layer}.input_layernorm.weight", "norm", lambda s: (s.hidden_size,)),
+    TensorInfo("qkv_proj", "model.layers.{layer}.self_attn.qkv_proj.weight", "linear", lambda s: (s.qkv_dim, s.hidden_size)),
+    TensorInfo("o_proj", "model.layers.{layer}.self_attn.o_proj.weight", "linear", lambda s: (s.hidden_size, s.hidden_size)),
+    TensorInfo("post_attention_layernorm", "model.layers.{layer}.post_attention_layernorm.weight", "norm", lambda s: (s.hidden_size,)),
+    TensorInfo("gate_up_proj", "model.layers.{layer}.mlp.gate_up_proj.weight", "linear", lambda s: (2 * s.intermediate_size, s.hidden_size)),
+    TensorInfo("down_proj", "model.layers.{layer}.mlp.down_proj.weight", "linear", lambda s: (s.hidden_size, s.intermediate_size)),
+    TensorInfo("norm", "model.norm.weight", "norm", lambda s: (s.hidden_size,)),
+    TensorInfo("lm_head", "lm_head.weight", "linear", lambda s: (s.vocab_size, s.hidden_size)),
+)
+
+LAYER_ROLES: tuple[str, ...] = tuple(r for r, t in TENSORS.items() if t.per_layer)
+LAYER_LINEARS: tuple[str, ...] = tuple(r for r in LAYER_ROLES if TENSORS[r].kind == "linear")
+
+
+def info(role: str) -> TensorInfo:
+    try:
+        return TENSORS[role]
+    except KeyError:
+        raise Phi3OnnxError(f"unknown tensor role {role!r}; known: {', '.join(TENSORS)}") from None
+
+
+def tensor_name(role: str, layer: int | None = None) -> str:
+    """The Hugging Face name of `role` (in decoder layer `layer` for per-layer roles)."""
+    return info(role).name(layer)
+
+
+def lm_head_role(spec: ModelSpec) -> str:
+    """The tensor the output projection reads: the embedding table when the two are tied."""
+    return "embed_tokens" if spec.tie_word_embeddings else "lm_head"
+
+
+@dataclass(frozen=True)
+class TensorKey:
+    """A checkpoint name parsed back into the table: its role and layer (None for model-level tensors)."""
+
+    role: str
+    layer: int | None = None
+
+
+def _pattern(t: TensorInfo) -> re.Pattern[str]:
+    return re.compile(re.escape(t.template).replace(re.escape("{layer}"), r"(\d+)"))
+
+
+_PATTERNS = tuple((_pattern(t), t.role) for t in TENSORS.values())
+
+
+def parse_name(name: str) -> TensorKey:
+    """Role and layer of a Hugging Face tensor name; a name the table does not know is an error."""
+    for pattern, role in _PATTERNS:
+        m = pattern.fullmatch(name)
+        if m is not None:
+            return TensorKey(role, int(m.group(1)) if m.groups() else None)
+    raise Phi3OnnxError(f"unknown checkpoint tensor {name!r}: not a Phi-3 tensor name")
+
+
+def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The Hugging Face tensor names and shapes a checkpoint of this spec must contain."""
+    out: dict[str, tuple[int, ...]] = {}
+    for role, t in TENSORS.items():
+        if role == "lm_head" and spec.tie_word_embeddings:
+            continue
+        for layer in range(spec.num_layers) if t.per_layer else (None,):
+            out[t.name(layer)] = t.shape(spec)
+    return out
+
+
+class TensorShapes(Protocol):
+    """What `check_tensors` needs of a checkpoint reader."""
+
+    def __contains__(self, name: str) -> bool: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
+
+
+def check_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
+    for name, shape in expected_tensors(spec).items():
+        if name not in ckpt:
+            raise Phi3OnnxError(f"checkpoint lacks tensor {name}")
+        if ckpt.shape(name) != shape:
+            raise Phi3OnnxError(f"tensor {name} has shape {ckpt.shape(name)}, config says {shape}")
+
+
+__all__ = ["LAYER_LINEARS", "LAYER_ROLES", "TENSORS", "TensorInfo", "TensorKey", "check_tensors",
+           "expected_tensors", "info", "lm_head_role", "parse_name", "tensor_name"]

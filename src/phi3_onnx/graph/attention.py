@@ -1,0 +1,188 @@
+"""Attention subgraphs: per-step mask/rotary inputs, Q/K/V projections, rotary, GroupQueryAttention."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from phi3_onnx.checkpoint.tensors import tensor_name
+from phi3_onnx.graph.builder import MS_DOMAIN, Context, WeightRef, make_linear
+from phi3_onnx.graph.rope import rope_caches
+from phi3_onnx.spec import ModelSpec
+
+
+@dataclass
+class AttentionInputs:
+    """Per-step tensors shared by every layer's attention, computed once from the graph inputs."""
+
+    seqlens_k: ir.Value  # int32 [batch]: total length - 1
+    total_len: ir.Value  # int32 scalar
+    cos: ir.Value  # [mask width, head_dim/2] rows for this step (LongRoPE: short or long)
+    sin: ir.Value
+    position_ids: ir.Value | None = None  # int64 [batch, seq]; only graphs with separate RotaryEmbedding use it
+
+
+def make_attention_inputs(ctx: Context, attention_mask: ir.Value, position_ids: ir.Value | None = None) -> AttentionInputs:
+    """seqlens_k and total_sequence_length from the mask; the rotary caches for this step.
+
+    mask ──ReduceSum──▶ total ──Sub 1──▶ seqlens_k (int32)
+    mask ──Shape[1]──▶ total_sequence_length (int32)
+    For LongRoPE the short and long caches are selected on the device with Where (no If node,
+    no host read of data), so the same graph runs under DirectML and CUDA graph capture/replay.
+    """
+    b = ctx.b
+    total = b.op("ReduceSum", [attention_mask, b.const("/model/constants/axes_1", np.array([1], np.int64))], "/model/attn_mask/ReduceSum", keepdims=0)
+    seqlens = b.op("Sub", [total, b.const("/model/constants/one_i64", np.array(1, np.int64))], "/model/attn_mask/Sub")
+    seqlens_k = b.op("Cast", [seqlens], "/model/attn_mask/seqlens_k", to=ir.DataType.INT32)
+    shape = b.op("Shape", [attention_mask], "/model/attn_mask/Shape", start=1, end=2)
+    total_len = b.op("Cast", [b.op("Squeeze", [shape], "/model/attn_mask/total_len_i64")], "/model/attn_mask/total_seq_len", to=ir.DataType.INT32)
+    cos_np, sin_np = rope_caches(ctx.spec)
+    cos = b.const("cos_cache", cos_np.astype(ctx.np_dtype))
+    sin = b.const("sin_cache", sin_np.astype(ctx.np_dtype))
+    if ctx.spec.longrope is not None:
+        cos, sin = _select_longrope_rows(ctx, seqlens, shape, cos, sin)
+    if position_ids is None and not ctx.target.graph.rotary_in_attention:
+        position_ids = _position_ids_from_mask(ctx, total)
+    return AttentionInputs(seqlens_k, total_len, cos, sin, position_ids)
+
+
+def _position_ids_from_mask(ctx: Context, total: ir.Value) -> ir.Value:
+    """Positions of the new tokens when the graph has no position_ids input (right-aligned, no padding).
+
+    total [batch] ──Unsqueeze──▶ [batch, 1] ─┐
+    Shape(input_ids)[1] = S ──Range(0, S)──▶ ├─ total - S + range ──▶ position_ids [batch, S]
+    """
+    b = ctx.b
+    seq = b.op("Squeeze", [b.op("Shape", [ctx.input_ids], "/model/pos_ids/Shape", start=1, end=2)], "/model/pos_ids/seq_len")
+    zero, one = b.const("/model/constants/zero_i64", np.array(0, np.int64)), b.const("/model/constants/one_i64_step", np.array(1, np.int64))
+    steps = b.op("Range", [zero, seq, one], "/model/pos_ids/Range")
+    past = b.op("Sub", [total, seq], "/model/pos_ids/past_len")
+    past = b.op("Unsqueeze", [past, b.const("/model/constants/axes_1_unsq", np.array([1], np.int64))], "/model/pos_ids/past_len_2d")
+    return b.op("Add", [past, steps], "/model/pos_ids/Add")
+
+
+def _select_longrope_rows(ctx: Context, seqlens: ir.Value, width_1d: ir.Value, cos: ir.Value, sin: ir.Value) -> tuple[ir.Value, ir.Value]:
+    """Long rows once the longest real sequence passes the original context.
+
+    cache[0 : W] (short) ─┐
+    cache[orig : orig+W] ─┼─ Where(max(seqlens_k) + 1 > orig) ──▶ rows [W, d/2]   (W = mask width)
+    The decision uses the mask's sum (real tokens), not its width: with CUDA graphs genai pads
+    the mask to max_length. Slice bounds come from shapes only (constant under a captured graph);
+    the choice is a device-side Where, so a replayed graph still switches at the right step.
+    """
+    b, orig = ctx.b, ctx.spec.original_max_position_embeddings
+    last = b.op("ReduceMax", [seqlens], "/model/rotary/max_seqlen", keepdims=0)
+    is_long = b.op("Greater", [last, b.const("/model/constants/original_context_m1", np.array(orig - 1, np.int64))], "/model/rotary/is_long")
+    zero = b.const("/model/constants/zero_1d", np.array([0], np.int64))
+    orig_1d = b.const("/model/constants/original_context_1d", np.array([orig], np.int64))
+    long_end = b.op("Add", [orig_1d, width_1d], "/model/rotary/long_end")
+    axes = b.const("/model/constants/axes_0_slice", np.array([0], np.int64))
+    out = []
+    for kind, cache in (("cos", cos), ("sin", sin)):
+        short = b.op("Slice", [cache, zero, width_1d, axes], f"/model/rotary/{kind}_short")
+        long = b.op("Slice", [cache, orig_1d, long_end, axes], f"/model/rotary/{kind}_long")
+        out.append(b.op("Where", [is_long, long, short], f"/model/rotary/{kind}_select"))
+    return out[0], out[1]
+
+
+@dataclass
+class QKV:
+    """Attention projections: packed (q holds [q | k | v], k and v are None) or separate."""
+
+    q: ir.Value
+    k: ir.Value | None = None
+    v: ir.Value | None = None
+
+
+def make_qkv_packed(ctx: Context, layer: int, x: ir.Value) -> QKV:
+    """x ──qkv_proj (one MatMul)──▶ [q | k | v]"""
+    s = ctx.spec
+    hf = tensor_name("qkv_proj", layer)
+    return QKV(make_linear(ctx, f"/model/layers.{layer}/attn/qkv_proj", x, hf, s.qkv_dim, s.hidden_size))
+
+
+def _qkv_rows(spec: ModelSpec) -> dict[str, tuple[int, int]]:
+    h, kv = spec.hidden_size, spec.kv_dim
+    return {"q": (0, h), "k": (h, h + kv), "v": (h + kv, h + 2 * kv)}
+
+
+def make_qkv_separate(ctx: Context, layer: int, x: ir.Value) -> QKV:
+    """x ──q_proj──▶ q,  x ──k_proj──▶ k,  x ──v_proj──▶ v   (row blocks of qkv_proj)"""
+    s = ctx.spec
+    out = {}
+    for part, (lo, hi) in _qkv_rows(s).items():
+        ref = WeightRef.row_block("qkv_proj", layer, part, (lo, hi))
+        out[part] = make_linear(ctx, f"/model/layers.{layer}/attn/{part}_proj", x, ref, hi - lo, s.hidden_size)
+    return QKV(out["q"], out["k"], out["v"])
+
+
+def _split_qkv(ctx: Context, layer: int, qkv: QKV) -> QKV:
+    """[q | k | v] ──Split──▶ q, k, v   (no-op when already separate)"""
+    if qkv.k is not None:
+        return qkv
+    s = ctx.spec
+    sizes = ctx.b.const(f"/model/layers.{layer}/attn/qkv_sizes", np.array([s.hidden_size, s.kv_dim, s.kv_dim], np.int64))
+    q, k, v = ctx.b.op_multi("Split", [qkv.q, sizes], f"/model/layers.{layer}/attn/qkv_split", outputs=3, axis=-1)
+    return QKV(q, k, v)
+
+
+def rotary_in_attention(ctx: Context, layer: int, qkv: QKV, attn: AttentionInputs) -> tuple[QKV, list[ir.Value | None], int]:
+    """GQA rotates q and k itself: pass cos/sin caches as GQA inputs 7 and 8, do_rotary=1."""
+    return qkv, [attn.cos, attn.sin], 1
+
+
+def rotary_separate(ctx: Context, layer: int, qkv: QKV, attn: AttentionInputs) -> tuple[QKV, list[ir.Value | None], int]:
+    """q ──RotaryEmbedding(position_ids)──▶ q',  k ──RotaryEmbedding──▶ k'; GQA then has do_rotary=0.
+
+    The DirectML way: DML's GQA does not rotate, so rotation is a com.microsoft.RotaryEmbedding.
+    """
+    s, p = ctx.spec, f"/model/layers.{layer}/attn"
+    qkv = _split_qkv(ctx, layer, qkv)
+    rotated = {}
+    for part, x, heads in (("q", qkv.q, s.num_heads), ("k", qkv.k, s.num_kv_heads)):
+        rotated[part] = ctx.b.op(
+            "RotaryEmbedding", [x, attn.position_ids, attn.cos, attn.sin], f"{p}/{part}_rotary/RotaryEmbedding",
+            domain=MS_DOMAIN, interleaved=0, num_heads=heads,
+        )
+    return QKV(rotated["q"], rotated["k"], qkv.v), [], 0
+
+
+# graph-shape choices (targets.GraphOptions) → the subgraph function that implements each
+PROJECTIONS: dict[bool, Callable[[Context, int, ir.Value], QKV]] = {True: make_qkv_packed, False: make_qkv_separate}
+ROTARIES: dict[bool, Callable[[Context, int, QKV, AttentionInputs], tuple[QKV, list[ir.Value | None], int]]] = {
+    True: rotary_in_attention,
+    False: rotary_separate,
+}
+
+
+def make_attention(ctx: Context, layer: int, x: ir.Value, past_k: ir.Value, past_v: ir.Value, attn: AttentionInputs) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Q/K/V projection, rotary, GroupQueryAttention (KV cache + sliding window), o_proj.
+
+    x ──qkv_proj──▶ qkv ──GQA(past, seqlens_k, total, cos, sin)──▶ attn ──o_proj──▶ out     (packed, do_rotary)
+    x ──q/k/v_proj──▶ q,k,v ──RotaryEmbedding(q,k)──▶ GQA(past, seqlens_k, total)──▶ ...    (separate)
+                                     └──▶ present key/value
+    """
+    s, opts = ctx.spec, ctx.target.graph
+    p = f"/model/layers.{layer}/attn"
+    qkv = PROJECTIONS[opts.packed_qkv](ctx, layer, x)
+    qkv, rotary_inputs, do_rotary = ROTARIES[opts.rotary_in_attention](ctx, layer, qkv, attn)
+    window = s.attention_window
+    out, present_k, present_v = ctx.b.op_multi(
+        "GroupQueryAttention",
+        [qkv.q, qkv.k, qkv.v, past_k, past_v, attn.seqlens_k, attn.total_len, *rotary_inputs],
+        f"{p}/GroupQueryAttention",
+        domain=MS_DOMAIN,
+        outputs=3,
+        num_heads=s.num_heads,
+        kv_num_heads=s.num_kv_heads,
+        scale=float(1.0 / np.sqrt(s.head_dim)),
+        do_rotary=do_rotary,
+        rotary_interleaved=0,
+        # a query sees the last `window` keys, itself included (transformers' sliding_window)
+        local_window_size=window or -1,
+    )
+    o = make_linear(ctx, f"{p}/o_proj", out, tensor_name("o_proj", layer), s.hidden_size, s.hidden_size)
+    return o, present_k, present_v

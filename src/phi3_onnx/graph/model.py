@@ -1,0 +1,107 @@
+"""The Phi-3 decoder graph with ONNX Runtime's fused contrib ops, one small function per subgraph.
+
+Weights are `onnx_ir.LazyTensor`s: nothing is read or quantized until `onnx_ir.save` streams the
+initializers to the external-data file one by one, which bounds export memory to a few tensors.
+
+Graph I/O (the onnxruntime-genai "phi3" decoder contract):
+    input_ids [batch, seq] int64, attention_mask [batch, total] int64,
+    (position_ids [batch, seq] int64 when target.graph.position_ids_input),
+    past_key_values.{i}.key/value [batch, kv_heads, past, head_dim]
+    -> logits [batch, seq, vocab], present.{i}.key/value [batch, kv_heads, total, head_dim]
+
+Graph shape follows `target.graph` (GraphOptions): each flag selects one of two subgraph functions
+(PROJECTIONS and ROTARIES in attention.py, GATE_UPS in mlp.py). No target gets control flow (If/Loop): CUDA graphs and
+DirectML graph capture replay one recorded decode step, so even the LongRoPE switch is data flow.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from phi3_onnx.checkpoint.tensors import lm_head_role, tensor_name
+from phi3_onnx.graph.attention import make_attention, make_attention_inputs
+from phi3_onnx.graph.builder import MS_DOMAIN, OPSET, Context, GraphBuilder, Int4Packer, WeightSource, make_linear, make_weight
+from phi3_onnx.graph.mlp import make_mlp
+from phi3_onnx.spec import ModelSpec
+from phi3_onnx.targets import Target
+
+
+def make_norm(ctx: Context, name: str, x: ir.Value | None, residual: ir.Value, hf_name: str) -> tuple[ir.Value, ir.Value]:
+    """RMSNorm, fused with the residual add when there is one.
+
+    residual ──SimplifiedLayerNorm──▶ normed              (first layer: residual is the embedding)
+    x, residual ──SkipSimplifiedLayerNorm──▶ normed, x + residual
+    """
+    gamma = make_weight(ctx, hf_name, (ctx.spec.hidden_size,))
+    eps = ctx.spec.rms_norm_eps
+    if x is None:
+        normed = ctx.b.op("SimplifiedLayerNormalization", [residual, gamma], f"{name}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)
+        return normed, residual
+    outs = ctx.b.op_multi("SkipSimplifiedLayerNormalization", [x, residual, gamma], f"{name}/SkipLayerNorm", domain=MS_DOMAIN, outputs=4, epsilon=eps)
+    return outs[0], outs[3]
+
+
+def make_embedding(ctx: Context, input_ids: ir.Value) -> ir.Value:
+    s = ctx.spec
+    table = make_weight(ctx, tensor_name("embed_tokens"), (s.vocab_size, s.hidden_size))
+    return ctx.b.op("Gather", [table, input_ids], "/model/embed_tokens/Gather", axis=0)
+
+
+def make_lm_head(ctx: Context, x: ir.Value) -> ir.Value:
+    s = ctx.spec
+    name = tensor_name(lm_head_role(s))
+    quantize = bool(ctx.target.quant and ctx.target.quant.quantize_lm_head)
+    return make_linear(ctx, "/lm_head", x, name, s.vocab_size, s.hidden_size, quantize=quantize)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def _io(name: str, dtype: ir.DataType, shape: list[int | str]) -> ir.Value:
+    return ir.val(name, dtype, shape)
+
+
+def make_position_ids_input(ctx: Context) -> ir.Value | None:
+    """position_ids [batch, seq] int64 as a graph input (DirectML-style graphs), or None."""
+    if not ctx.target.graph.position_ids_input:
+        return None
+    return _io("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+
+
+def build_model(spec: ModelSpec, target: Target, weights: WeightSource, pack_int4: Int4Packer | None = None) -> ir.Model:
+    """The whole decoder graph for one target; weights stay lazy until saved.
+
+    `pack_int4` quantizes each weight of an int4 target when it is saved (the quantizer's packer).
+    """
+    ctx = Context(GraphBuilder(), spec, target, weights, pack_int4)
+    kv_shape: list[int | str] = ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
+    present_shape: list[int | str] = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
+    input_ids = ctx.input_ids = _io("input_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
+    mask = _io("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
+    position_ids = make_position_ids_input(ctx)
+    inputs = [input_ids, mask, *([position_ids] if position_ids is not None else [])]
+    attn = make_attention_inputs(ctx, mask, position_ids)
+    hidden, residual = None, make_embedding(ctx, input_ids)
+    presents = []
+    for i in range(spec.num_layers):
+        past_k = _io(f"past_key_values.{i}.key", ctx.dtype, kv_shape)
+        past_v = _io(f"past_key_values.{i}.value", ctx.dtype, kv_shape)
+        inputs += [past_k, past_v]
+        normed, residual = make_norm(ctx, f"/model/layers.{i}/input_layernorm", hidden, residual, tensor_name("input_layernorm", i))
+        attn_out, pk, pv = make_attention(ctx, i, normed, past_k, past_v, attn)
+        normed, residual = make_norm(ctx, f"/model/layers.{i}/post_attention_layernorm", attn_out, residual, tensor_name("post_attention_layernorm", i))
+        hidden = make_mlp(ctx, i, normed)
+        pk.name, pv.name = f"present.{i}.key", f"present.{i}.value"
+        pk.type, pv.type = ir.TensorType(ctx.dtype), ir.TensorType(ctx.dtype)
+        pk.shape, pv.shape = ir.Shape(present_shape), ir.Shape(present_shape)
+        presents += [pk, pv]
+    normed, _ = make_norm(ctx, "/model/norm", hidden, residual, tensor_name("norm"))
+    logits = make_lm_head(ctx, normed)
+    logits.name = "logits"
+    logits.type, logits.shape = ir.TensorType(ctx.dtype), ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
+    outputs = [logits, *presents]
+    graph = ir.Graph(
+        inputs, outputs, nodes=ctx.b.nodes, initializers=ctx.b.initializers,
+        opset_imports={"": OPSET, MS_DOMAIN: 1}, name="phi3",
+    )
+    return ir.Model(graph, ir_version=10, producer_name="phi3-onnx")

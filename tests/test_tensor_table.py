@@ -1,0 +1,54 @@
+"""The tensor-name table (checkpoint/tensors.py) against a real checkpoint and the stages that use it."""
+
+from __future__ import annotations
+
+import pytest
+
+from phi3_onnx.checkpoint import SafetensorsCheckpoint, spec_from_folder
+from phi3_onnx.checkpoint.tensors import TENSORS, expected_tensors, parse_name, tensor_name
+from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.quantize import QUANTIZERS
+from phi3_onnx.targets import TARGETS
+
+
+def test_table_names_exactly_the_committed_checkpoint(tiny_ckpt):
+    """Every tensor of the trained tiny checkpoint is in the table, with the table's shape, and nothing is left over."""
+    ckpt, spec = SafetensorsCheckpoint(tiny_ckpt), spec_from_folder(tiny_ckpt)
+    expected = expected_tensors(spec)
+    assert set(expected) == set(ckpt.entries)
+    assert all(ckpt.shape(n) == s for n, s in expected.items())
+
+
+@pytest.mark.parametrize("role", list(TENSORS))
+def test_names_parse_back_to_their_role(role):
+    layer = 7 if TENSORS[role].per_layer else None
+    key = parse_name(tensor_name(role, layer))
+    assert (key.role, key.layer) == (role, layer)
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.weight", "model.layers.x.mlp.down_proj.weight",
+                                  "lm_head.bias", "model.embed_tokens.weight.extra", ""])
+def test_unknown_names_are_errors_not_fall_throughs(name):
+    with pytest.raises(Phi3OnnxError, match="unknown checkpoint tensor"):
+        parse_name(name)
+
+
+def test_unknown_role_and_layer_misuse_are_errors():
+    with pytest.raises(Phi3OnnxError, match="unknown tensor role"):
+        tensor_name("q_proj", 0)
+    with pytest.raises(Phi3OnnxError, match="needs a layer"):
+        tensor_name("qkv_proj")
+    with pytest.raises(Phi3OnnxError, match="takes no layer"):
+        tensor_name("lm_head", 3)
+
+
+def test_tied_embeddings_have_no_lm_head(tiny_ckpt):
+    import dataclasses
+
+    spec = dataclasses.replace(spec_from_folder(tiny_ckpt), tie_word_embeddings=True)
+    assert "lm_head.weight" not in expected_tensors(spec)
+
+
+def test_every_target_method_has_a_quantizer():
+    methods = {t.quant.method for t in TARGETS.values() if t.quant}
+    assert methods <= set(QUANTIZERS), methods - set(QUANTIZERS)
