@@ -5,9 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# CI runs the property tests derandomized (same examples every run, no example database); locally they
+# explore. PHI3_ONNX_FUZZ_EXAMPLES raises the budget for a longer hunt.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+settings.register_profile("dev", deadline=None)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from helpers import TINY_PHI3, longrope_overrides, make_variant  # noqa: E402

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -241,6 +242,8 @@ def _random_deep_checkpoint(tiny_ckpt: Path, dst: Path, layers: int) -> Path:
     dst.mkdir()
     cfg = json.loads((tiny_ckpt / "config.json").read_text()) | {"num_hidden_layers": layers}
     (dst / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(tiny_ckpt / name, dst / name)
     rng = np.random.default_rng(0)
     tensors = {n: rng.standard_normal(s, dtype=np.float32) * 0.02 for n, s in expected_tensors(spec_from_folder(dst)).items()}
     save_file(tensors, str(dst / "model.safetensors"))

@@ -70,13 +70,77 @@ def _config_eos(cfg: dict[str, Any]) -> list[int]:
 
 
 def _check_architecture(cfg: dict[str, Any]) -> None:
-    archs = cfg.get("architectures") or []
+    archs = cfg.get("architectures")
+    if archs is None:
+        archs = []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise Phi3OnnxError(f"config.json: architectures must be a list of names, got {archs!r}")
     for arch in archs:
         if arch in _UNSUPPORTED_HINTS:
             raise Phi3OnnxError(f"{arch}: {_UNSUPPORTED_HINTS[arch]}")
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs) and cfg.get("model_type") != "phi3":
-        found = ", ".join(archs) or cfg.get("model_type") or "unknown"
-        raise Phi3OnnxError(f"unsupported architecture {found}: phi3-onnx exports Phi3ForCausalLM checkpoints")
+    model_type = cfg.get("model_type")
+    if model_type is not None and model_type != "phi3" or archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        found = ", ".join(archs) or str(model_type)
+        raise Phi3OnnxError(f"unsupported architecture {found} (model_type {model_type!r}): "
+                            "phi3-onnx exports Phi3ForCausalLM checkpoints (model_type phi3)")
+    if not archs and model_type is None:
+        raise Phi3OnnxError("config.json names neither architectures nor model_type: not a Phi-3 config")
+
+
+_MISSING = object()
+
+
+def _int(cfg: dict[str, Any], key: str, default: Any = _MISSING, minimum: int = 1) -> int:
+    """An integer field: JSON floats (1e9, 64.5) and booleans are refused, never truncated."""
+    value = cfg.get(key, _MISSING)
+    if value is _MISSING or value is None and default is not _MISSING:
+        value = default
+    if value is _MISSING:
+        raise Phi3OnnxError(f"config.json lacks {key!r}")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Phi3OnnxError(f"config.json: {key} must be an integer, got {value!r}")
+    if value < minimum:
+        raise Phi3OnnxError(f"config.json: {key} must be >= {minimum}, got {value}")
+    return value
+
+
+def _float(cfg: dict[str, Any], key: str, default: float) -> float:
+    """A positive finite number."""
+    value = cfg.get(key, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise Phi3OnnxError(f"config.json: {key} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def _token_ids(value: Any, key: str) -> list[int]:
+    ids = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise Phi3OnnxError(f"config.json: {key} must be a token id or a list of token ids, got {value!r}")
+    return ids
+
+
+_SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+def _check_shapes(hidden: int, heads: int, kv_heads: int, vocab: int, ids: dict[str, list[int]]) -> None:
+    if hidden % heads:
+        raise Phi3OnnxError(f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    if heads % kv_heads:
+        raise Phi3OnnxError(f"config.json: num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
+    if (hidden // heads) % 2:
+        raise Phi3OnnxError(f"config.json: head size {hidden // heads} is odd (rotary embeddings need an even one)")
+    for key, values in ids.items():
+        bad = [i for i in values if i >= vocab]
+        if bad:
+            raise Phi3OnnxError(f"config.json: {key} {bad[0]} is outside the vocabulary (vocab_size {vocab})")
+
+
+def _check_activation(cfg: dict[str, Any]) -> None:
+    act = cfg.get("hidden_act", "silu")
+    if act not in _SUPPORTED_ACTIVATIONS:
+        raise Phi3OnnxError(f"config.json: hidden_act {act!r} is not supported (Phi-3 uses silu)")
 
 
 def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -93,57 +157,70 @@ def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _longrope(rope: dict[str, Any], cfg: dict[str, Any], head_dim: int, orig: int) -> LongRope:
-    short, long = rope.get("short_factor"), rope.get("long_factor")
-    if not isinstance(short, list) or not isinstance(long, list):
-        raise Phi3OnnxError("longrope config needs short_factor and long_factor lists")
-    if len(short) != head_dim // 2 or len(long) != head_dim // 2:
-        raise Phi3OnnxError(f"longrope factors must have head_dim/2 = {head_dim // 2} entries")
-    factor = rope.get("factor") or cfg["max_position_embeddings"] / orig
+def _factors(rope: dict[str, Any], key: str, count: int) -> tuple[float, ...]:
+    values = rope.get(key)
+    if not isinstance(values, list):
+        raise Phi3OnnxError(f"config.json: longrope config needs a {key} list")
+    if len(values) != count:
+        raise Phi3OnnxError(f"config.json: longrope {key} must have head_dim/2 = {count} entries, got {len(values)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
+        raise Phi3OnnxError(f"config.json: longrope {key} must hold positive finite numbers")
+    return tuple(float(v) for v in values)
+
+
+def _longrope(rope: dict[str, Any], max_pos: int, head_dim: int, orig: int) -> LongRope:
+    short, long = _factors(rope, "short_factor", head_dim // 2), _factors(rope, "long_factor", head_dim // 2)
+    factor = _float(rope, "factor", max_pos / orig)
     attn = rope.get("attention_factor")
     if attn is None:
         attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-    return LongRope(tuple(map(float, short)), tuple(map(float, long)), float(attn))
+    return LongRope(short, long, _float({"attention_factor": attn}, "attention_factor", 1.0))
 
 
 def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: list[int] | None = None) -> ModelSpec:
-    """One typed spec from either config.json form found in the wild."""
+    """One typed spec from either config.json form found in the wild; every field checked, none truncated."""
     _check_architecture(cfg)
-    try:
-        hidden, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
-        head_dim = hidden // heads
-        if cfg.get("head_dim") not in (None, head_dim):
-            raise Phi3OnnxError(f"head_dim {cfg['head_dim']} != hidden_size/num_attention_heads is not supported")
-        rope = _rope_params(cfg)
-        if float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))) != 1.0:
-            raise Phi3OnnxError("partial rotary embeddings are not supported (this is not a Phi-3 config)")
-        max_pos = int(cfg["max_position_embeddings"])
-        orig = int(rope.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") or max_pos)
-        if rope["rope_type"] not in ("default", "longrope"):
-            raise Phi3OnnxError(f"rope type {rope['rope_type']!r} is not supported (Phi-3 uses default or longrope)")
-        longrope = _longrope(rope, cfg, head_dim, orig) if rope["rope_type"] == "longrope" else None
-        eos = generation_eos or cfg.get("eos_token_id") or []
-        eos = [eos] if isinstance(eos, int) else list(eos)
-        return ModelSpec(
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            vocab_size=int(cfg["vocab_size"]),
-            max_position_embeddings=max_pos,
-            original_max_position_embeddings=orig,
-            rope_theta=float(rope.get("rope_theta", 10000.0)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            sliding_window=int(cfg["sliding_window"]) if cfg.get("sliding_window") else None,
-            longrope=longrope,
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            bos_token_id=int(cfg.get("bos_token_id") or 1),
-            eos_token_ids=tuple(int(e) for e in eos),
-            pad_token_id=int(cfg["pad_token_id"] if cfg.get("pad_token_id") is not None else eos[0] if eos else 0),
-            name=name,
-        )
-    except KeyError as exc:
-        raise Phi3OnnxError(f"config.json lacks {exc.args[0]!r}") from None
-    except (TypeError, ValueError) as exc:
-        raise Phi3OnnxError(f"config.json has a malformed value ({exc})") from None
+    _check_activation(cfg)
+    hidden, heads = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
+    kv_heads = _int(cfg, "num_key_value_heads", heads)
+    vocab = _int(cfg, "vocab_size")
+    head_dim = hidden // heads if hidden % heads == 0 else None
+    if cfg.get("head_dim") is not None and cfg.get("head_dim") != head_dim:
+        raise Phi3OnnxError(f"config.json: head_dim {cfg['head_dim']!r} != hidden_size/num_attention_heads is not supported")
+    rope = _rope_params(cfg)
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise Phi3OnnxError("partial rotary embeddings are not supported (this is not a Phi-3 config)")
+    max_pos = _int(cfg, "max_position_embeddings")
+    orig_key = "original_max_position_embeddings"
+    orig = _int(rope if rope.get(orig_key) is not None else cfg, orig_key, max_pos)
+    if rope["rope_type"] not in ("default", "longrope"):
+        raise Phi3OnnxError(f"rope type {rope['rope_type']!r} is not supported (Phi-3 uses default or longrope)")
+    eos = _token_ids(generation_eos if generation_eos else cfg.get("eos_token_id") or [], "eos_token_id")
+    pad = cfg.get("pad_token_id")
+    pad = (eos[0] if eos else 0) if pad is None else _int(cfg, "pad_token_id", minimum=0)
+    bos = _int(cfg, "bos_token_id", 1, minimum=0)
+    _check_shapes(hidden, heads, kv_heads, vocab, {"eos_token_id": eos, "pad_token_id": [pad], "bos_token_id": [bos]})
+    tied = cfg.get("tie_word_embeddings", False)
+    if not isinstance(tied, bool):
+        raise Phi3OnnxError(f"config.json: tie_word_embeddings must be true or false, got {tied!r}")
+    window = cfg.get("sliding_window")
+    return ModelSpec(
+        hidden_size=hidden,
+        intermediate_size=_int(cfg, "intermediate_size"),
+        num_layers=_int(cfg, "num_hidden_layers"),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=max_pos,
+        original_max_position_embeddings=orig,
+        rope_theta=_float(rope, "rope_theta", 10000.0),
+        rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-5),
+        sliding_window=_int(cfg, "sliding_window") if window else None,
+        longrope=_longrope(rope, max_pos, hidden // heads, orig) if rope["rope_type"] == "longrope" else None,
+        tie_word_embeddings=tied,
+        bos_token_id=bos,
+        eos_token_ids=tuple(eos),
+        pad_token_id=pad,
+        name=name,
+    )

@@ -129,17 +129,38 @@ def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
 class TensorShapes(Protocol):
     """What `check_tensors` needs of a checkpoint reader."""
 
+    def names(self) -> list[str]: ...
+
     def __contains__(self, name: str) -> bool: ...
 
     def shape(self, name: str) -> tuple[int, ...]: ...
 
 
+def _check_layers(keys: dict[str, TensorKey], spec: ModelSpec) -> None:
+    """num_hidden_layers must equal the layers present: fewer would silently truncate the model."""
+    layers = {k.layer for k in keys.values() if k.layer is not None}
+    if len(layers) == spec.num_layers and (not layers or (min(layers) == 0 and max(layers) == spec.num_layers - 1)):
+        return  # (compared without building range(num_layers): a config may claim 10**9 layers)
+    present = f"layers 0..{max(layers)}" if layers else "no decoder layers"
+    gaps = sorted(set(range(max(layers, default=-1) + 1)) - layers)
+    detail = f" (layer {gaps[0]} missing)" if gaps else ""
+    raise Phi3OnnxError(f"config.json says num_hidden_layers {spec.num_layers}, but the checkpoint holds {present}{detail}")
+
+
 def check_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
-    for name, shape in expected_tensors(spec).items():
+    """Every tensor known, the layer count right, nothing missing, every shape the config's."""
+    keys = {name: parse_name(name) for name in ckpt.names()}  # an unknown name is an error
+    _check_layers(keys, spec)
+    expected = expected_tensors(spec)
+    for name, shape in expected.items():
         if name not in ckpt:
             raise Phi3OnnxError(f"checkpoint lacks tensor {name}")
         if ckpt.shape(name) != shape:
             raise Phi3OnnxError(f"tensor {name} has shape {ckpt.shape(name)}, config says {shape}")
+    extra = sorted(set(keys) - set(expected))
+    if extra:
+        why = " while tie_word_embeddings is true" if extra == [tensor_name("lm_head")] else ""
+        raise Phi3OnnxError(f"checkpoint holds tensor {extra[0]} that the config does not use{why}")
 
 
 __all__ = ["LAYER_LINEARS", "LAYER_ROLES", "TENSORS", "TensorInfo", "TensorKey", "check_tensors",

@@ -28,6 +28,13 @@ def cos_sin(spec: ModelSpec, positions: int, factors: tuple[float, ...] | None, 
     return (np.cos(freqs) * np.float32(scale)).astype(np.float32), (np.sin(freqs) * np.float32(scale)).astype(np.float32)
 
 
+def rope_cache_rows(spec: ModelSpec) -> int:
+    """Rows of the cos/sin caches `rope_caches` builds (known before building them: memory checks)."""
+    if spec.longrope is None:
+        return spec.max_position_embeddings
+    return spec.original_max_position_embeddings + spec.max_position_embeddings
+
+
 def rope_caches(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
     """The cos/sin caches the graph stores.
 

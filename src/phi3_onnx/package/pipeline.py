@@ -20,11 +20,14 @@ import onnx_ir as ir
 
 from phi3_onnx.checkpoint import SafetensorsCheckpoint, check_tensors, resolve_model, spec_from_folder
 from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.checkpoint.tensors import TENSORS
 from phi3_onnx.graph import WeightSource, build_model
+from phi3_onnx.graph.rope import rope_cache_rows
 from phi3_onnx.manifest import MIN_VERSIONS, Manifest, file_entries, write_manifest
 from phi3_onnx.package.genai_config import default_max_length, genai_config
 from phi3_onnx.package.options import ExportOptions
 from phi3_onnx.package.staging import refuse_existing, staged_folder
+from phi3_onnx.package.verify import available_memory, check_loadable
 from phi3_onnx.progress import task
 from phi3_onnx.quantize import QuantizeInput, Quantized, get_quantizer
 from phi3_onnx.spec import ModelSpec
@@ -93,6 +96,40 @@ def _check_block_size(spec: ModelSpec, target: Target) -> None:
             raise Phi3OnnxError(f"block size {bs} does not divide the layer width {k}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+
+
+def _check_tokenizer(source: Path) -> None:
+    """genai loads the tokenizer from the package folder: a checkpoint without one exports an unusable package."""
+    if not any((source / f).is_file() for f in TOKENIZER_FILES):
+        raise Phi3OnnxError(f"{source} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the package could not tokenize")
+
+
+def _peak_ram(spec: ModelSpec, largest_tensor: int, target: Target) -> int:
+    """Expected peak RSS: the graph's rotary caches (built in float32, then cast), one tensor at a
+    time (raw bytes + float32 copy + transposed/quantized copies), the interpreter; AWQ adds one
+    layer's float32 weights and the calibration hidden states."""
+    rope = rope_cache_rows(spec) * (spec.head_dim // 2) * 4 * 2 * 2
+    peak = rope + largest_tensor * 2 * 4 + 700 * 2**20
+    if target.quant is not None and target.quant.method == "awq":
+        layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
+                    for r, t in TENSORS.items() if t.per_layer) * 4
+        peak += 3 * layer + 8 * 256 * spec.hidden_size * 4 * 4
+    return peak
+
+
+def _check_memory(spec: ModelSpec, peak: int) -> None:
+    """Refuse up front what this machine cannot hold (never cap it silently)."""
+    free = available_memory()
+    if peak <= free:
+        return
+    gib = 2**30
+    raise Phi3OnnxError(
+        f"exporting this model needs ~{peak / gib:.1f} GiB (context {spec.max_position_embeddings} tokens: "
+        f"max_position_embeddings in config.json); this machine has {free / gib:.1f} GiB available "
+        "(use --context-length to cap the context)")
+
+
 def plan_export(model: str, target: str | Target, output: str | os.PathLike,
                 options: ExportOptions = ExportOptions()) -> tuple[ExportPlan, SafetensorsCheckpoint]:
     """Validate every input before anything is written."""
@@ -100,16 +137,17 @@ def plan_export(model: str, target: str | Target, output: str | os.PathLike,
     source = resolve_model(model)
     spec = _with_context(spec_from_folder(source), options.context_length)
     _check_block_size(spec, tgt)
+    _check_tokenizer(source)
     ckpt = SafetensorsCheckpoint(source)
     check_tensors(ckpt, spec)
     length = options.max_length or default_max_length(spec)
     if not 0 < length <= spec.max_position_embeddings:
         raise Phi3OnnxError(f"--max-length must be in 1..{spec.max_position_embeddings}, got {length}")
+    largest = max(e.end - e.begin for e in ckpt.entries.values())
+    peak = _peak_ram(spec, largest, tgt)
+    _check_memory(spec, peak)
     graph = build_model(spec, tgt, ckpt)
     weight_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values())
-    largest = max(e.end - e.begin for e in ckpt.entries.values())
-    # one tensor at a time: raw bytes + float32 copy + transposed/quantized copies, plus the interpreter
-    peak = largest * 2 * 4 + 700 * 2**20
     files = ("model.onnx", "model.onnx.data", "genai_config.json", "manifest.json",
              *[f for f in AUX_FILES if (source / f).is_file()])
     plan = ExportPlan(source, spec, tgt, Path(output), length, weight_bytes, peak, files, options)
@@ -204,4 +242,5 @@ def export(
         else:
             quantized = quantize(plan, ckpt, progress)
         write_package(plan, quantized, tmp, progress)
+        check_loadable(tmp)
     return output
