@@ -95,7 +95,7 @@ def targets() -> None:
 
 
 # Verbs of other stages live in their own modules and register on `app` when imported.
-from phi3_onnx import cli_eval, cli_runtime  # noqa: E402,F401
+from phi3_onnx import cli_eval, cli_runtime, cli_serve  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:
