@@ -1,6 +1,7 @@
 """The house's one-way flow, read from the code's own imports (ast): a back-arrow fails here.
 
-checkpoint -> graph -> quantize -> package; runtime and evaluate read packages only; the CLI's verb
+checkpoint -> graph -> quantize -> package; runtime and evaluate read packages only; serve reads
+them through the runtime; the CLI's verb
 modules import the app, never each other. The ground floor (errors, spec, targets, manifest,
 progress, version) imports nothing above it.
 """
@@ -22,7 +23,8 @@ ALLOWED = {
     "package": {"checkpoint", "graph", "quantize"},
     "runtime": set(),
     "evaluate": set(),
-    "cli": {"checkpoint", "graph", "quantize", "package", "runtime", "evaluate", "__init__"},
+    "serve": {"runtime"},
+    "cli": {"checkpoint", "graph", "quantize", "package", "runtime", "evaluate", "serve", "__init__"},
     "__init__": {"package"},
 }
 

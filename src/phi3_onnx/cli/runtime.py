@@ -5,14 +5,13 @@ Argument parsing only; everything else is `phi3_onnx.runtime`.
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from phi3_onnx.cli.app import app
+from phi3_onnx.cli.app import app, warnings_to_stderr
 
 Pkg = Annotated[Path, typer.Argument(help="Package folder or bundle folder (from `phi3-onnx export`)")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | dml (auto: CUDA > DirectML > CPU)")]
@@ -27,24 +26,10 @@ Seed = Annotated[Optional[int], typer.Option(help="Sampling seed")]
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); <|end|> and <|endoftext|> always stop")]
 
 
-def _warnings_to_stderr() -> None:
-    """The runtime logs its one-line EP fallback warning; show it as `warning: ...`."""
-    logger = logging.getLogger("phi3_onnx")
-    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
-        logger.addHandler(_StderrHandler())
-
-
-class _StderrHandler(logging.Handler):
-    """Writes to the current sys.stderr (not the one at setup time), one line per record."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
-
-
 def _load(pkg: Path, device: str, verify: bool, max_length: Optional[int], variant: Optional[str]):
     from phi3_onnx.runtime import load
 
-    _warnings_to_stderr()
+    warnings_to_stderr()
     return load(pkg, device=device, verify=verify, max_length=max_length, variant=variant)
 
 

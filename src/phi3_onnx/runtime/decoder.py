@@ -34,8 +34,10 @@ class GenaiGenerator(Protocol):
 class Decoder:
     """Wraps og.Generator; `append` and `next_token` are its only moves. Not thread-safe."""
 
-    def __init__(self, og_model: Any, make_params: Callable[[], Any], max_length: int, long_after: int | None) -> None:
+    def __init__(self, og_model: Any, make_params: Callable[[], Any], max_length: int, long_after: int | None,
+                 forced: Sequence[int] | None = None) -> None:
         self._og_model = og_model
+        self.forced = None if forced is None else [int(t) for t in forced]  # an answer emitted without sampling
         self._make_params = make_params
         self.max_length = max_length
         self._long_after = long_after  # LongRoPE original context, None for plain RoPE

@@ -20,6 +20,7 @@ from phi3_onnx.runtime.deps import import_genai
 from phi3_onnx.runtime.options import GenerationOptions, find_stop, safe_prefix_len
 from phi3_onnx.runtime.package import Package
 from phi3_onnx.runtime.providers import Choice
+from phi3_onnx.runtime.structured import JsonPlan, plan_for
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -31,13 +32,15 @@ STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 class Phi3Model:
     """A phi3-onnx package loaded on one execution provider (see `phi3_onnx.runtime.load`)."""
 
-    def __init__(self, package: Package, choice: Choice, max_length: int | None = None, variant: str | None = None) -> None:
+    def __init__(self, package: Package, choice: Choice, max_length: int | None = None, variant: str | None = None,
+                 max_batch: int | None = None) -> None:
         self.path: Path = package.path
         self.manifest: Manifest = package.manifest
         self.choice = choice
         self.variant = variant
         self.max_length = _check_max_length(package.manifest, max_length)
-        self._og = _load_og_model(package.path, choice.provider, self.max_length)
+        self.max_batch = _check_max_batch(max_batch)
+        self._og = _load_og_model(package.path, choice.provider, self.max_length, self.max_batch)
         self._tokenizer = import_genai().Tokenizer(self._og)
         self.stop_token_ids = frozenset(self._stop_ids())
 
@@ -59,6 +62,10 @@ class Phi3Model:
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tokenizer.decode(list(ids)))
+
+    def text_stream(self) -> Any:
+        """An incremental detokenizer: `.decode(token) -> str` gives the text each new token adds."""
+        return self._tokenizer.create_stream()
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The package's own chat template (tokenizer_config.json / chat_template.jinja) over `messages`."""
@@ -87,14 +94,33 @@ class Phi3Model:
         og = import_genai()
         search = options.search_options(self.max_length, self.manifest.model.vocab_size, prompt_length)
 
+        plan = self.json_plan(options, prompt_length)
+
         def params() -> Any:
             p = og.GeneratorParams(self._og)
             p.set_search_options(**search)
+            if plan is not None:
+                p.set_guidance("lark_grammar", plan.lark)
             return p
 
         rope = self.manifest.model.longrope
         long_after = self.manifest.model.original_max_position_embeddings if rope is not None else None
-        return Decoder(self._og, params, self.max_length, long_after)
+        forced = self.continuation_ids(plan.forced) if plan is not None and plan.forced is not None else None
+        return Decoder(self._og, params, self.max_length, long_after, forced)
+
+    def json_plan(self, options: GenerationOptions, prompt_length: int) -> JsonPlan | None:
+        """How options.json_schema's answer fits its budget (None without a schema); see runtime.structured."""
+        if options.json_schema is None:
+            return None
+        budget = options.json_budget(self.max_length, prompt_length)
+        return plan_for(options.json_schema, budget, lambda text: len(self.continuation_ids(text)))
+
+    def continuation_ids(self, text: str) -> list[int]:
+        """Tokens that decode to exactly `text` mid-sequence (no SentencePiece leading-space token)."""
+        ids = self.encode(text)
+        while len(ids) > 1 and self.decode(ids) != text and self.decode(ids[1:]) == text:
+            ids = ids[1:]
+        return ids
 
     def check_room(self, n_prompt: int) -> None:
         if n_prompt >= self.context_length:
@@ -106,6 +132,9 @@ class Phi3Model:
     def token_ids(self, decoder: Decoder, prompt_ids: Sequence[int], options: GenerationOptions) -> Iterator[int]:
         """New tokens after `prompt_ids` (reusing the decoder's cached prefix), stop tokens excluded."""
         self.check_room(len(prompt_ids))
+        if decoder.forced is not None:  # a structured answer forced whole (runtime.structured)
+            yield from decoder.forced[:options.max_new_tokens]
+            return
         decoder.extend_to(prompt_ids)
         for _ in range(options.max_new_tokens):
             if decoder.done():
@@ -139,9 +168,15 @@ class Phi3Model:
             yield text[len(shown):]
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (), min_new_tokens: int = 0) -> str:
-        """The completion as one string (decoded in one go from its token ids)."""
-        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens)
+                 top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (), min_new_tokens: int = 0,
+                 json_schema: Mapping[str, Any] | bool | None = None) -> str:
+        """The completion as one string (decoded in one go from its token ids).
+
+        json_schema: the answer is JSON matching this schema ({"type": "object"} for any object),
+        complete within max_new_tokens whenever its shortest valid form fits (runtime.structured).
+        """
+        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens,
+                                          json_schema)
         ids: list[int] = []
         prompt_ids = self.prompt_ids(prompt)
         tokens = self.token_ids(self.new_decoder(options, len(prompt_ids)), prompt_ids, options)
@@ -153,9 +188,10 @@ class Phi3Model:
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
-               min_new_tokens: int = 0) -> Iterator[str]:
+               min_new_tokens: int = 0, json_schema: Mapping[str, Any] | bool | None = None) -> Iterator[str]:
         """The completion as text pieces, yielded as tokens are generated (bad input raises here, not later)."""
-        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens)
+        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens,
+                                          json_schema)
         ids = self.prompt_ids(prompt)
         self.check_room(len(ids))
         return self.stream_text(self.token_ids(self.new_decoder(options, len(ids)), ids, options), options, [])
@@ -238,7 +274,13 @@ def _check_max_length(manifest: Manifest, max_length: int | None) -> int:
     return length
 
 
-def _load_og_model(path: Path, provider: str, max_length: int) -> Any:
+def _check_max_batch(max_batch: int | None) -> int | None:
+    if max_batch is not None and not 1 <= int(max_batch) <= 256:
+        raise Phi3OnnxError(f"max_batch must be in 1..256, got {max_batch}")
+    return None if max_batch is None else int(max_batch)
+
+
+def _load_og_model(path: Path, provider: str, max_length: int, max_batch: int | None = None) -> Any:
     """og.Model with the chosen EP and max_length set through og.Config: genai_config.json stays untouched."""
     og = import_genai()
     try:
@@ -248,7 +290,10 @@ def _load_og_model(path: Path, provider: str, max_length: int) -> Any:
             config.append_provider(provider)
             for key, value in _provider_options(path, provider).items():
                 config.set_provider_option(provider, key, str(value))
-        config.overlay(json.dumps({"search": {"max_length": max_length}}))
+        overlay: dict[str, Any] = {"search": {"max_length": max_length}}
+        if max_batch is not None:  # the batching Engine's slots (runtime.batch); plain Generators ignore it
+            overlay["engine"] = {"static_batching": {"max_batch_size": max_batch}}
+        config.overlay(json.dumps(overlay))
         return og.Model(config)
     except RuntimeError as exc:
         raise Phi3OnnxError(f"onnxruntime-genai could not load {path} on {provider}: {_first_line(exc)}") from None

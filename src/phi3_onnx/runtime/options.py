@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,7 +12,8 @@ from phi3_onnx.errors import Phi3OnnxError
 @dataclass(frozen=True)
 class GenerationOptions:
     """temperature 0 is greedy; top_k 0 means no top-k cut; stop strings end generation (not included);
-    min_new_tokens suppresses the end tokens until that many were generated (like transformers')."""
+    min_new_tokens suppresses the end tokens until that many were generated (like transformers');
+    json_schema (canonical JSON text, see runtime.structured) constrains the answer to that schema."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -21,6 +22,7 @@ class GenerationOptions:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0
+    json_schema: str | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -38,10 +40,15 @@ class GenerationOptions:
 
     @classmethod
     def build(cls, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-              stop: str | Sequence[str] | None, min_new_tokens: int = 0) -> GenerationOptions:
+              stop: str | Sequence[str] | None, min_new_tokens: int = 0,
+              json_schema: Mapping[str, Any] | bool | None = None) -> GenerationOptions:
         """From keyword arguments; a single stop string is one stop, not its characters."""
+        from phi3_onnx.runtime.structured import schema_text
+
         stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-        return cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k), seed, stops, int(min_new_tokens))
+        schema = None if json_schema is None else schema_text(json_schema)
+        return cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k), seed, stops, int(min_new_tokens),
+                   schema)
 
     @property
     def sampling(self) -> tuple[float, float, int, int | None]:
@@ -51,6 +58,10 @@ class GenerationOptions:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    def json_budget(self, max_length: int, prompt_length: int) -> int:
+        """Tokens a structured answer may use: max_new_tokens, or less where the KV cache ends first."""
+        return max(min(self.max_new_tokens, max_length - prompt_length), 0)
 
     def search_options(self, max_length: int, vocab_size: int, prompt_length: int = 0) -> dict[str, Any]:
         """genai GeneratorParams.set_search_options keywords (min_length counts the prompt too)."""
