@@ -32,3 +32,40 @@ def make_variant(src: Path, dst: Path, **config_overrides: Any) -> Path:
 def longrope_overrides() -> dict[str, Any]:
     """The committed LongRoPE (Phi-3-128k-style) overrides for the tiny checkpoint."""
     return json.loads(TINY_PHI3_LONGROPE.read_text(encoding="utf-8"))
+
+
+def make_random_phi3(dst: Path, seed: int = 0, **config: Any) -> Path:
+    """A random-weight Phi3ForCausalLM of the given config (for parity tests), with the tiny asset's tokenizer.
+
+    Why: Phi-4-mini's shape (partial rotary, tied embeddings, LongRoPE on the rotary dims) has no
+    trained tiny checkpoint here; parity against transformers needs no training.
+    """
+    import torch
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    dst = Path(dst)
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(Phi3Config(**config)).eval()
+    with torch.no_grad():  # a little more spread than the default init, so logits differ visibly
+        for p in model.parameters():
+            p.mul_(3.0) if p.dim() > 1 else None
+    model.save_pretrained(dst, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(TINY_PHI3 / name, dst / name)
+    return dst
+
+
+def phi4_mini_like(**override: Any) -> dict[str, Any]:
+    """Phi-4-mini-instruct's architecture at a tiny size: partial rotary 0.75 (48 of 64 head dims),
+    GQA 4/2, tied embeddings, LongRoPE past an original context of 64, no sliding window."""
+    rotary_half = 24
+    cfg: dict[str, Any] = dict(
+        vocab_size=2064, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=64,
+        partial_rotary_factor=0.75, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2048, pad_token_id=2048,
+        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.02 * i for i in range(rotary_half)],
+                      "long_factor": [1.0 + 0.5 * i for i in range(rotary_half)]},
+        sliding_window=None,
+    )
+    cfg.update(override)
+    return cfg

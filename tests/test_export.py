@@ -285,7 +285,7 @@ def test_manifest_records_the_recipe_that_ran(exported, tiny_ckpt, tiny_sliding_
     """The manifest says what actually ran: quantizer, block size, accuracy level; context and KV sizes."""
     rtn = read_manifest(exported("int4-cpu", block_size=64)).recipe
     assert rtn["quantization"] == {"method": "rtn", "bits": 4, "block_size": 64, "accuracy_level": 4,
-                                        "symmetric": True, "quantize_lm_head": True}
+                                        "symmetric": True, "quantize_lm_head": True, "quantize_embedding": False}
     spec = read_manifest(exported("int4-cpu")).model
     assert read_manifest(exported("int4-cpu")).recipe["context_length"] == spec.max_position_embeddings
     fp32 = read_manifest(exported("fp32-cpu")).recipe

@@ -37,6 +37,7 @@ class ModelSpec:
     rms_norm_eps: float = 1e-5
     sliding_window: int | None = None
     longrope: LongRope | None = None
+    partial_rotary_factor: float = 1.0  # Phi-4-mini: 0.75, rotary on the first 96 of 128 head dims
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_ids: tuple[int, ...] = (32000,)
@@ -46,6 +47,11 @@ class ModelSpec:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Head dims that rotary embeddings turn (transformers: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def kv_dim(self) -> int:

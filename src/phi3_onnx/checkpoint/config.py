@@ -157,19 +157,30 @@ def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _partial_rotary(rope: dict[str, Any], cfg: dict[str, Any], head_dim: int) -> float:
+    """partial_rotary_factor (top level in transformers 4 configs, in rope_parameters in 5): 0 < f <= 1, even rotary dim."""
+    factor = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    factor = 1.0 if factor is None else _float({"partial_rotary_factor": factor}, "partial_rotary_factor", 1.0)
+    rotary = int(head_dim * factor)
+    if factor > 1.0 or rotary < 2 or rotary % 2:
+        raise Phi3OnnxError(f"config.json: partial_rotary_factor {factor} gives rotary dim {rotary} of head size {head_dim}; "
+                            "it must be an even number of dims, at most the head size")
+    return factor
+
+
 def _factors(rope: dict[str, Any], key: str, count: int) -> tuple[float, ...]:
     values = rope.get(key)
     if not isinstance(values, list):
         raise Phi3OnnxError(f"config.json: longrope config needs a {key} list")
     if len(values) != count:
-        raise Phi3OnnxError(f"config.json: longrope {key} must have head_dim/2 = {count} entries, got {len(values)}")
+        raise Phi3OnnxError(f"config.json: longrope {key} must have rotary_dim/2 = {count} entries, got {len(values)}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0 for v in values):
         raise Phi3OnnxError(f"config.json: longrope {key} must hold positive finite numbers")
     return tuple(float(v) for v in values)
 
 
-def _longrope(rope: dict[str, Any], max_pos: int, head_dim: int, orig: int) -> LongRope:
-    short, long = _factors(rope, "short_factor", head_dim // 2), _factors(rope, "long_factor", head_dim // 2)
+def _longrope(rope: dict[str, Any], max_pos: int, rotary_dim: int, orig: int) -> LongRope:
+    short, long = _factors(rope, "short_factor", rotary_dim // 2), _factors(rope, "long_factor", rotary_dim // 2)
     factor = _float(rope, "factor", max_pos / orig)
     attn = rope.get("attention_factor")
     if attn is None:
@@ -188,9 +199,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: li
     if cfg.get("head_dim") is not None and cfg.get("head_dim") != head_dim:
         raise Phi3OnnxError(f"config.json: head_dim {cfg['head_dim']!r} != hidden_size/num_attention_heads is not supported")
     rope = _rope_params(cfg)
-    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))
-    if partial != 1.0:
-        raise Phi3OnnxError("partial rotary embeddings are not supported (this is not a Phi-3 config)")
+    partial = _partial_rotary(rope, cfg, hidden // heads)
     max_pos = _int(cfg, "max_position_embeddings")
     orig_key = "original_max_position_embeddings"
     orig = _int(rope if rope.get(orig_key) is not None else cfg, orig_key, max_pos)
@@ -217,7 +226,8 @@ def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: li
         rope_theta=_float(rope, "rope_theta", 10000.0),
         rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-5),
         sliding_window=_int(cfg, "sliding_window") if window else None,
-        longrope=_longrope(rope, max_pos, hidden // heads, orig) if rope["rope_type"] == "longrope" else None,
+        longrope=_longrope(rope, max_pos, int(hidden // heads * partial), orig) if rope["rope_type"] == "longrope" else None,
+        partial_rotary_factor=partial,
         tie_word_embeddings=tied,
         bos_token_id=bos,
         eos_token_ids=tuple(eos),

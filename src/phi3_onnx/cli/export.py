@@ -22,6 +22,9 @@ def export(
     max_length: Annotated[Optional[int], typer.Option(help="genai search.max_length (KV cache size); default min(context, 4096)")] = None,
     block_size: Annotated[Optional[int], typer.Option(help="int4 block size (power of two >= 16)")] = None,
     accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits accuracy_level 0..4 (4 = int8 compute)")] = None,
+    quantize_embedding: Annotated[bool, typer.Option("--quantize-embedding", help=(
+        "int4 targets: store the embedding table in int4 too (GatherBlockQuantized; smaller package and RSS). "
+        "Tied models (Phi-4-mini) always share one int4 table with lm_head"))] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be written and the memory estimate")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")] = False,
     calibration: Annotated[Optional[Path], typer.Option(help="AWQ targets: calibration text file (default: the built-in one)")] = None,
@@ -35,6 +38,7 @@ def export(
 
     options = ExportOptions(
         max_length=max_length, context_length=context_length, block_size=block_size, accuracy_level=accuracy_level,
+        quantize_embedding=quantize_embedding or None,
         calibration=CalibrationOptions(str(calibration) if calibration else None, calibration_samples),
     )
     if dry_run:

@@ -20,7 +20,7 @@ class AttentionInputs:
 
     seqlens_k: ir.Value  # int32 [batch]: total length - 1
     total_len: ir.Value  # int32 scalar
-    cos: ir.Value  # [mask width, head_dim/2] rows for this step (LongRoPE: short or long)
+    cos: ir.Value  # [mask width, rotary_dim/2] rows for this step (LongRoPE: short or long)
     sin: ir.Value
     position_ids: ir.Value | None = None  # int64 [batch, seq]; only graphs with separate RotaryEmbedding use it
 
@@ -142,10 +142,11 @@ def rotary_separate(ctx: Context, layer: int, qkv: QKV, attn: AttentionInputs) -
     s, p = ctx.spec, f"/model/layers.{layer}/attn"
     qkv = _split_qkv(ctx, layer, qkv)
     rotated = {}
+    partial = {"rotary_embedding_dim": s.rotary_dim} if s.rotary_dim != s.head_dim else {}
     for part, x, heads in (("q", qkv.q, s.num_heads), ("k", qkv.k, s.num_kv_heads)):
         rotated[part] = ctx.b.op(
             "RotaryEmbedding", [x, attn.position_ids, attn.cos, attn.sin], f"{p}/{part}_rotary/RotaryEmbedding",
-            domain=MS_DOMAIN, interleaved=0, num_heads=heads,
+            domain=MS_DOMAIN, interleaved=0, num_heads=heads, **partial,
         )
     return QKV(rotated["q"], rotated["k"], qkv.v), [], 0
 

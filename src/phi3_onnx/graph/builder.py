@@ -49,6 +49,7 @@ class GraphBuilder:
 
     nodes: list[ir.Node] = field(default_factory=list)
     initializers: list[ir.Value] = field(default_factory=list)
+    _lazy: dict[str, ir.Value] = field(default_factory=dict)  # name -> value: one initializer a name
 
     def op(self, op_type: str, inputs: list[ir.Value | None], name: str, *, domain: str = "", outputs: int = 1, **attrs) -> ir.Value:
         return self.op_multi(op_type, inputs, name, domain=domain, outputs=outputs, **attrs)[0]
@@ -68,9 +69,16 @@ class GraphBuilder:
         return value
 
     def lazy(self, name: str, make: Callable[[], np.ndarray], dtype: ir.DataType, shape: tuple[int, ...]) -> ir.Value:
+        """A lazily read initializer; asking again for a name returns the same value (tied weights share it)."""
+        if name in self._lazy:
+            value = self._lazy[name]
+            if value.dtype != dtype or tuple(value.shape) != tuple(shape):
+                raise ValueError(f"initializer {name} asked for as {dtype}{list(shape)}, built as {value.dtype}{list(value.shape)}")
+            return value
         tensor = ir.LazyTensor(lambda: ir.tensor(make(), name=name), dtype=dtype, shape=ir.Shape(shape), name=name)
         value = ir.Value(name=name, const_value=tensor, type=ir.TensorType(dtype), shape=ir.Shape(shape))
         self.initializers.append(value)
+        self._lazy[name] = value
         return value
 
 
@@ -177,6 +185,28 @@ def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: WeightRef | str, 
     if recipe is None or not quantize:
         w_t = make_weight(ctx, ref, (in_f, out_f), transform=lambda w: w.T)
         return ctx.b.op("MatMul", [x, w_t], f"{name}/MatMul")
+    w = make_int4_weight(ctx, ref, out_f, in_f)
+    inputs = [x, w.packed, w.scales, *([w.zero_points] if w.zero_points is not None else [])]
+    return ctx.b.op(
+        "MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
+        K=in_f, N=out_f, bits=recipe.bits, block_size=recipe.block_size, accuracy_level=recipe.accuracy_level,
+    )
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """The MatMulNBits initializers of one weight: packed [N, k_blocks, block/2] uint8, scales [N * k_blocks]."""
+
+    packed: ir.Value
+    scales: ir.Value
+    zero_points: ir.Value | None
+    block_size: int
+
+
+def make_int4_weight(ctx: Context, hf_name: WeightRef | str, out_f: int, in_f: int) -> Int4Weight:
+    """A weight's int4 initializers, quantized once when saved; asked for twice (a tied embedding), the same ones."""
+    recipe, ref = ctx.target.quant, WeightRef.of(hf_name)
+    assert recipe is not None
     bs = recipe.block_size
     k_blocks = in_f // bs
 
@@ -193,10 +223,7 @@ def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: WeightRef | str, 
 
     packed = ctx.b.lazy(f"{key}_Q4", part("packed"), ir.DataType.UINT8, (out_f, k_blocks, bs // 2))
     scales = ctx.b.lazy(f"{key}_scales", part("scales"), ctx.dtype, (out_f * k_blocks,))
-    inputs = [x, packed, scales]
+    zp = None
     if not recipe.symmetric:
-        inputs.append(ctx.b.lazy(f"{key}_zp", part("zero_points"), ir.DataType.UINT8, (out_f, (k_blocks + 1) // 2)))
-    return ctx.b.op(
-        "MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
-        K=in_f, N=out_f, bits=recipe.bits, block_size=bs, accuracy_level=recipe.accuracy_level,
-    )
+        zp = ctx.b.lazy(f"{key}_zp", part("zero_points"), ir.DataType.UINT8, (out_f, (k_blocks + 1) // 2))
+    return Int4Weight(packed, scales, zp, bs)

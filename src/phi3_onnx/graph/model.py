@@ -16,11 +16,13 @@ DirectML graph capture replay one recorded decode step, so even the LongRoPE swi
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from phi3_onnx.checkpoint.tensors import lm_head_role, tensor_name
 from phi3_onnx.graph.attention import make_attention, make_attention_inputs
-from phi3_onnx.graph.builder import MS_DOMAIN, OPSET, Context, GraphBuilder, Int4Packer, WeightSource, make_linear, make_weight
+from phi3_onnx.graph.builder import (MS_DOMAIN, OPSET, Context, GraphBuilder, Int4Packer, WeightSource, make_int4_weight,
+                                     make_linear, make_weight)
 from phi3_onnx.graph.mlp import make_mlp
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target
@@ -41,17 +43,65 @@ def make_norm(ctx: Context, name: str, x: ir.Value | None, residual: ir.Value, h
     return outs[0], outs[3]
 
 
+def embedding_is_quantized(ctx: Context) -> bool:
+    """int4 embedding table: asked for (`quantize_embedding`), or tied to an int4 lm_head (one shared table)."""
+    q = ctx.target.quant
+    if q is None:
+        return False
+    return q.quantize_embedding or (ctx.spec.tie_word_embeddings and q.quantize_lm_head)
+
+
 def make_embedding(ctx: Context, input_ids: ir.Value) -> ir.Value:
+    """input_ids ──Gather(table)──▶ hidden, or ──GatherBlockQuantized(int4 table)──▶ hidden."""
     s = ctx.spec
+    if embedding_is_quantized(ctx):
+        return make_quantized_embedding(ctx, input_ids)
     table = make_weight(ctx, tensor_name("embed_tokens"), (s.vocab_size, s.hidden_size))
     return ctx.b.op("Gather", [table, input_ids], "/model/embed_tokens/Gather", axis=0)
 
 
+def make_quantized_embedding(ctx: Context, input_ids: ir.Value) -> ir.Value:
+    """Rows of the int4 table dequantized on the fly; with tied weights the lm_head MatMulNBits reads the same bytes.
+
+    ids ──GatherBlockQuantized(packed [V, k_blocks, block/2], scales [V, k_blocks, 1])──▶ [B, S, k_blocks, block]
+        ──Reshape──▶ [B, S, hidden]
+    (MatMulNBits' scales are [V * k_blocks]; the Reshape of that initializer is folded when ORT loads the model.)
+    """
+    s, b, p = ctx.spec, ctx.b, "/model/embed_tokens"
+    if not ctx.target.quant.symmetric:
+        raise ValueError("an int4 embedding table needs symmetric quantization")
+    w = make_int4_weight(ctx, tensor_name("embed_tokens"), s.vocab_size, s.hidden_size)
+    k_blocks = s.hidden_size // w.block_size
+    scales = b.op("Reshape", [w.scales, b.const(f"{p}/scales_shape", np.array([s.vocab_size, k_blocks, 1], np.int64))], f"{p}/scales_3d")
+    rows = b.op("GatherBlockQuantized", [w.packed, input_ids, scales], f"{p}/GatherBlockQuantized", domain=MS_DOMAIN,
+                bits=ctx.target.quant.bits, block_size=w.block_size, gather_axis=0, quantize_axis=2)
+    shape = b.const(f"{p}/hidden_shape", np.array([0, 0, s.hidden_size], np.int64))
+    return b.op("Reshape", [rows, shape], f"{p}/Reshape")
+
+
 def make_lm_head(ctx: Context, x: ir.Value) -> ir.Value:
+    """normed ──MatMul / MatMulNBits(lm_head)──▶ logits; tied float weights: Gemm(transB) over the embedding table."""
     s = ctx.spec
     name = tensor_name(lm_head_role(s))
     quantize = bool(ctx.target.quant and ctx.target.quant.quantize_lm_head)
+    if s.tie_word_embeddings and not quantize:
+        return make_tied_float_head(ctx, x)
     return make_linear(ctx, "/lm_head", x, name, s.vocab_size, s.hidden_size, quantize=quantize)
+
+
+def make_tied_float_head(ctx: Context, x: ir.Value) -> ir.Value:
+    """Tied, unquantized: one [V, hidden] table for the Gather and the head, read transposed by Gemm.
+
+    x [B, S, H] ──Reshape──▶ [B*S, H] ──Gemm(table, transB=1)──▶ [B*S, V] ──Reshape(B, S, V)──▶ logits
+    """
+    s, b, p = ctx.spec, ctx.b, "/lm_head"
+    table = make_weight(ctx, tensor_name("embed_tokens"), (s.vocab_size, s.hidden_size))
+    flat = b.op("Reshape", [x, b.const(f"{p}/flat_shape", np.array([-1, s.hidden_size], np.int64))], f"{p}/Flatten")
+    logits = b.op("Gemm", [flat, table], f"{p}/Gemm", transB=1)
+    lead = b.op("Shape", [x], f"{p}/Shape", start=0, end=2)
+    vocab = b.const(f"{p}/vocab", np.array([s.vocab_size], np.int64))
+    shape = b.op("Concat", [lead, vocab], f"{p}/out_shape", axis=0)
+    return b.op("Reshape", [logits, shape], f"{p}/Reshape")
 
 
 # ----------------------------------------------------------------------------- model

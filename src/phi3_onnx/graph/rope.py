@@ -1,6 +1,7 @@
 """Rotary-embedding caches, computed in float32 the way transformers computes them.
 
-GroupQueryAttention/RotaryEmbedding read cos/sin caches of shape [positions, head_dim/2].
+GroupQueryAttention/RotaryEmbedding read cos/sin caches of shape [positions, rotary_dim/2] (rotary_dim =
+head_dim unless the model rotates only part of each head, as Phi-4-mini does: ORT infers it from the shape).
 LongRoPE has two: short factors (used while the whole sequence fits the original context) and
 long factors (used once it does not). Transformers decides per forward call from the largest
 position, and keys already in the KV cache keep the rotation they got — so the graph picks the
@@ -15,7 +16,7 @@ from phi3_onnx.spec import ModelSpec
 
 
 def inv_freq(spec: ModelSpec, factors: tuple[float, ...] | None = None) -> np.ndarray:
-    dim = spec.head_dim
+    dim = spec.rotary_dim
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
     base = np.power(np.float32(spec.rope_theta), exponent, dtype=np.float32)
     ext = np.ones_like(base) if factors is None else np.asarray(factors, dtype=np.float32)
@@ -23,7 +24,7 @@ def inv_freq(spec: ModelSpec, factors: tuple[float, ...] | None = None) -> np.nd
 
 
 def cos_sin(spec: ModelSpec, positions: int, factors: tuple[float, ...] | None, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin tables [positions, head_dim/2], scaled like transformers' `attention_scaling`."""
+    """cos/sin tables [positions, rotary_dim/2], scaled like transformers' `attention_scaling`."""
     freqs = np.outer(np.arange(positions, dtype=np.float32), inv_freq(spec, factors)).astype(np.float32)
     return (np.cos(freqs) * np.float32(scale)).astype(np.float32), (np.sin(freqs) * np.float32(scale)).astype(np.float32)
 

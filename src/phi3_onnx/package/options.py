@@ -18,6 +18,7 @@ class ExportOptions:
     context_length  cap the package's context (see `ModelSpec.with_context`); None: the model's
     block_size      int4 block size override (quantized targets only)
     accuracy_level  MatMulNBits accuracy_level override (quantized targets only)
+    quantize_embedding  int4 embedding table (GatherBlockQuantized) in quantized targets; tied models always share one
     calibration     AWQ calibration text and sample count (AWQ targets only)
     """
 
@@ -25,6 +26,7 @@ class ExportOptions:
     context_length: int | None = None
     block_size: int | None = None
     accuracy_level: int | None = None
+    quantize_embedding: bool | None = None
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
 
     @classmethod
@@ -40,7 +42,7 @@ class ExportOptions:
         """These options as they apply to `target`: int4 overrides only reach quantized targets (bundles)."""
         if target.quant is not None:
             return self
-        return dataclasses.replace(self, block_size=None, accuracy_level=None)
+        return dataclasses.replace(self, block_size=None, accuracy_level=None, quantize_embedding=None)
 
 
 __all__ = ["CalibrationOptions", "ExportOptions"]

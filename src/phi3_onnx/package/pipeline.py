@@ -75,7 +75,8 @@ def resolve_target(target: str | Target, options: ExportOptions) -> Target:
     """The registry target with the options' int4 overrides applied."""
     try:
         t = get_target(target) if isinstance(target, str) else target
-        return t.with_overrides(block_size=options.block_size, accuracy_level=options.accuracy_level)
+        return t.with_overrides(block_size=options.block_size, accuracy_level=options.accuracy_level,
+                                quantize_embedding=options.quantize_embedding)
     except (KeyError, ValueError) as exc:
         raise Phi3OnnxError(str(exc.args[0])) from None
 
@@ -109,7 +110,7 @@ def _peak_ram(spec: ModelSpec, largest_tensor: int, target: Target) -> int:
     """Expected peak RSS: the graph's rotary caches (built in float32, then cast), one tensor at a
     time (raw bytes + float32 copy + transposed/quantized copies), the interpreter; AWQ adds one
     layer's float32 weights and the calibration hidden states."""
-    rope = rope_cache_rows(spec) * (spec.head_dim // 2) * 4 * 2 * 2
+    rope = rope_cache_rows(spec) * (spec.rotary_dim // 2) * 4 * 2 * 2
     peak = rope + largest_tensor * 2 * 4 + 700 * 2**20
     if target.quant is not None and target.quant.method == "awq":
         layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)

@@ -73,7 +73,7 @@ class Quantizer(Protocol):
 def _base_record(recipe: QuantRecipe) -> dict[str, Any]:
     return {"method": recipe.method, "bits": recipe.bits, "block_size": recipe.block_size,
             "accuracy_level": recipe.accuracy_level, "symmetric": recipe.symmetric,
-            "quantize_lm_head": recipe.quantize_lm_head}
+            "quantize_lm_head": recipe.quantize_lm_head, "quantize_embedding": recipe.quantize_embedding}
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ def load_layer(ckpt: SafetensorsCheckpoint, layer: int, device: torch.device) ->
 
 @dataclass(frozen=True)
 class Rotary:
-    """cos/sin tables [positions, head_dim] for one calibration sequence length."""
+    """cos/sin tables [positions, rotary_dim] for one calibration sequence length."""
 
     cos: torch.Tensor
     sin: torch.Tensor
@@ -62,9 +62,12 @@ def rms_norm(x: torch.Tensor, gamma: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rotate(x: torch.Tensor, rope: Rotary) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * rope.cos + rotated * rope.sin
+    """Rotate the first rotary_dim dims of each head (all of them unless partial rotary); pass the rest."""
+    dim = rope.cos.shape[-1]
+    rot, rest = x[..., :dim], x[..., dim:]
+    half = dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], -1)
+    return torch.cat([rot * rope.cos + rotated * rope.sin, rest], -1)
 
 
 def _causal_mask(spec: ModelSpec, seq_len: int, device: torch.device) -> torch.Tensor | None:

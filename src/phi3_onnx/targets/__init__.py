@@ -26,6 +26,8 @@ class QuantRecipe:
     accuracy_level: int = 4
     symmetric: bool = True
     quantize_lm_head: bool = True
+    # int4 embedding table (GatherBlockQuantized); tied models share it with lm_head whatever this says
+    quantize_embedding: bool = False
 
 
 @dataclass(frozen=True)
@@ -61,13 +63,16 @@ class Target:
     def weight_dtype(self) -> str:
         return "int4" if self.quant else self.io_dtype
 
-    def with_overrides(self, block_size: int | None = None, accuracy_level: int | None = None) -> Target:
-        """This target with a different int4 block size or accuracy level (CLI overrides)."""
-        if block_size is None and accuracy_level is None:
+    def with_overrides(self, block_size: int | None = None, accuracy_level: int | None = None,
+                       quantize_embedding: bool | None = None) -> Target:
+        """This target with a different int4 block size, accuracy level or embedding quantization (CLI overrides)."""
+        if block_size is None and accuracy_level is None and quantize_embedding is None:
             return self
         if self.quant is None:
-            raise ValueError(f"target {self.name} is not quantized: --block-size/--accuracy-level do not apply")
+            raise ValueError(f"target {self.name} is not quantized: --block-size/--accuracy-level/--quantize-embedding do not apply")
         quant = self.quant
+        if quantize_embedding is not None:
+            quant = dataclasses.replace(quant, quantize_embedding=quantize_embedding)
         if block_size is not None:
             if block_size < 16 or block_size & (block_size - 1):
                 raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
