@@ -108,13 +108,33 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def stale_owner(name: str, pattern: re.Pattern[str]) -> bool:
-    """Whether `name` matches `pattern` (with a `pid` group) and that process is gone (not us)."""
-    match = pattern.fullmatch(name)
+_claimed: set[Path] = set()
+
+
+@contextmanager
+def claimed(*paths: Path) -> Iterator[None]:
+    """Paths this process is writing right now: never stale, though their PID is ours."""
+    mine = [p for p in paths if p not in _claimed]
+    _claimed.update(mine)
+    try:
+        yield
+    finally:
+        _claimed.difference_update(mine)
+
+
+def stale_owner(path: Path, pattern: re.Pattern[str], own: bool = False) -> bool:
+    """Whether `path`'s name matches `pattern` (with a `pid` group) and that process is gone.
+
+    With `own`, our own PID's entries count as stale too unless `claimed` (a failed or
+    interrupted earlier call in this process left them); without, they are never touched.
+    """
+    match = pattern.fullmatch(path.name)
     if match is None:
         return False
     pid = int(match.group("pid"))
-    return pid != os.getpid() and not pid_alive(pid)
+    if pid == os.getpid():
+        return own and path not in _claimed
+    return not pid_alive(pid)
 
 
 def remove_path(path: Path) -> None:
@@ -130,7 +150,7 @@ def remove_path(path: Path) -> None:
         pass
 
 
-def remove_stale(parent: Path, pattern: re.Pattern[str]) -> list[Path]:
+def remove_stale(parent: Path, pattern: re.Pattern[str], own: bool = False) -> list[Path]:
     """Remove the entries of `parent` left by dead processes (names matching `pattern`)."""
     removed = []
     try:
@@ -138,7 +158,7 @@ def remove_stale(parent: Path, pattern: re.Pattern[str]) -> list[Path]:
     except OSError:
         return removed
     for entry in entries:
-        if stale_owner(entry.name, pattern):
+        if stale_owner(entry, pattern, own):
             remove_path(entry)
             removed.append(entry)
     return removed

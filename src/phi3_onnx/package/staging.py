@@ -30,7 +30,9 @@ from pathlib import Path
 
 from phi3_onnx.errors import Interrupted, OutputExists, OutputNotWritable, UnsafeOutput
 from phi3_onnx.manifest import BUNDLE, BUNDLE_FORMAT, FORMAT, MANIFEST
-from phi3_onnx.safety import partial_name, pause_point, remove_path, remove_stale, signals_deferred, stale_owner
+from phi3_onnx.safety import (
+    claimed, partial_name, pause_point, remove_path, remove_stale, signals_deferred, stale_owner,
+)
 
 OLD = ".old-"
 PARTIAL_RE = re.compile(r"\..+\.partial-(?P<pid>\d+)")
@@ -153,18 +155,23 @@ def recover(dest: Destination) -> None:
         return
     pattern = dest.aside_pattern
     for aside in sorted(parent.iterdir()):
-        if not stale_owner(aside.name, pattern) and aside != dest.aside:
+        if not stale_owner(aside, pattern, own=True):
             continue
         if not os.path.lexists(dest.path):
             os.rename(aside, dest.path)  # killed between the two renames: the old output is back
         else:
             _discard(aside)
-    remove_stale(parent, PARTIAL_RE)
+    remove_stale(parent, PARTIAL_RE, own=True)
 
 
 @contextmanager
 def staged_folder(dest: Destination) -> Iterator[Path]:
     """An empty folder beside the output; swapped into place when the block ends without error."""
+    with claimed(dest.partial, dest.aside, _trash(dest.aside)):
+        yield from _staged(dest)
+
+
+def _staged(dest: Destination) -> Iterator[Path]:
     tmp = _new_partial(dest)
     try:
         yield tmp
@@ -247,6 +254,10 @@ def _restore(dest: Destination) -> None:
     os.rename(dest.aside, dest.path)
 
 
+def _trash(old: Path) -> Path:
+    return old.parent / partial_name(old.name)
+
+
 def _discard(old: Path) -> None:
     """Delete an old output: renamed to a `.partial-` name first (never restored), then removed.
 
@@ -254,7 +265,7 @@ def _discard(old: Path) -> None:
     """
     if not os.path.lexists(old):
         return
-    trash = old.parent / partial_name(old.name)
+    trash = _trash(old)
     try:
         os.rename(old, trash)
     except OSError:
