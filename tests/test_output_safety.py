@@ -273,3 +273,43 @@ def test_atomic_text_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     write_text_atomic(report, "new report")
     assert report.read_text() == "new report" and _names(tmp_path) == ["drift.json"]
+
+
+# --- the Python API: KeyboardInterrupt propagates, nothing half-written -----------------------
+
+def test_api_export_keyboard_interrupt_while_writing_weights(tmp_path, tiny_ckpt, monkeypatch, exported):
+    """Raised from onnx_ir's save worker thread (the per-tensor callback), mid model.onnx.data."""
+    from phi3_onnx import export
+    from phi3_onnx.package import pipeline
+
+    out = Path(shutil.copytree(exported("int4-cpu"), tmp_path / "out"))
+    before = _snapshot(out)
+    calls = []
+
+    def interrupted(advance):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "_saved", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_ckpt, "int4-cpu", out, force=True)
+    assert _snapshot(out) == before and _names(tmp_path) == ["out"]
+
+
+def test_api_eval_keyboard_interrupt_removes_its_temp_folder(tmp_path, monkeypatch, exported):
+    import tempfile
+
+    from phi3_onnx.evaluate import EvalOptions, evaluate, runner
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def interrupted(*args, **kwargs):
+        assert any(p.name.startswith("phi3-onnx-eval-") for p in tmp_path.iterdir())  # logits on disk
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "evaluate_variant", interrupted)
+    data = Path(__file__).resolve().parent / "assets" / "corpus" / "heldout.txt"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(exported("int4-cpu"), exported("fp32-cpu"), EvalOptions(data, window=64, max_tokens=128))
+    assert list(tmp_path.iterdir()) == []

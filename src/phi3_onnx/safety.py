@@ -99,6 +99,8 @@ def signals_deferred() -> Iterator[None]:
 def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False
+    if os.name == "nt":  # os.kill(pid, 0) would terminate the process there
+        return _pid_alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -120,6 +122,21 @@ def claimed(*paths: Path) -> Iterator[None]:
         yield
     finally:
         _claimed.difference_update(mine)
+
+
+def _pid_alive_windows(pid: int) -> bool:
+    """OpenProcess + GetExitCodeProcess; any doubt counts as alive (its leftovers are kept)."""
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() != 87  # ERROR_INVALID_PARAMETER: no such process
+    try:
+        code = ctypes.c_ulong()
+        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def stale_owner(path: Path, pattern: re.Pattern[str], own: bool = False) -> bool:
