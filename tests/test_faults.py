@@ -87,7 +87,10 @@ def interrupt_at(box: Box, stage: str, sig: signal.Signals, args: list[str]) -> 
             pytest.fail(f"never reached {stage}")
         time.sleep(0.02)
     proc.send_signal(sig)
+    sent = time.monotonic()
     out, err = proc.communicate(timeout=90)
+    # promptly: well before the hook's own 30 s would have let it go on
+    assert time.monotonic() - sent < 15, f"took {time.monotonic() - sent:.1f}s to stop after {sig.name}"
     return Ended(proc.returncode, out, err)
 
 

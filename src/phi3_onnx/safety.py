@@ -201,6 +201,10 @@ def pause_point(stage: str) -> None:
     if os.environ.get(PAUSE_ENV) != stage or stage in _paused:
         return
     _paused.add(stage)
+    if not _in_main_thread() and hasattr(signal, "pthread_sigmask"):
+        # the kernel may hand a process's signal to any thread that does not block it; Python runs
+        # handlers in the main thread only, and only once that thread wakes: send it there
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
     ready = os.environ.get(PAUSE_FILE_ENV)
     if ready:
         Path(ready).write_text(stage)

@@ -110,6 +110,8 @@ def _is_ours(folder: Path) -> bool:
         return True
     for name, fmt in ((MANIFEST, FORMAT), (BUNDLE, BUNDLE_FORMAT)):
         try:
+            if (folder / name).stat().st_size > 64 << 20:  # ours are a few KiB
+                continue
             doc = json.loads((folder / name).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
