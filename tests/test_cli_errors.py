@@ -113,8 +113,15 @@ def test_existing_output_needs_force(tiny_ckpt: Path, tmp_path: Path, capsys) ->
     code, err = _run(capsys, ["export", "-m", str(tiny_ckpt), "-t", "int4-cpu", "-o", str(out)])
     _assert_one_line_error(code, err, "--force")
     assert (out / "keep.txt").read_text() == "user data"
+    # --force replaces only a phi3-onnx package/bundle or an empty folder: a user's folder is kept
+    code, err = _run(capsys, ["export", "-m", str(tiny_ckpt), "-t", "int4-cpu", "-o", str(out), "--force", "-q"])
+    _assert_one_line_error(code, err, "--force replaces only a phi3-onnx package or bundle or an empty folder")
+    assert (out / "keep.txt").read_text() == "user data"
+    (out / "keep.txt").unlink()
     code, _ = _run(capsys, ["export", "-m", str(tiny_ckpt), "-t", "int4-cpu", "-o", str(out), "--force", "-q"])
-    assert code == 0 and (out / "manifest.json").is_file() and not (out / "keep.txt").exists()
+    assert code == 0 and (out / "manifest.json").is_file()
+    code, _ = _run(capsys, ["export", "-m", str(tiny_ckpt), "-t", "int4-cpu", "-o", str(out), "--force", "-q"])
+    assert code == 0 and (out / "manifest.json").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 

@@ -3,7 +3,7 @@
 checkpoint -> graph -> quantize -> package; runtime and evaluate read packages only; serve reads
 them through the runtime; the CLI's verb
 modules import the app, never each other. The ground floor (errors, spec, targets, manifest,
-progress, version) imports nothing above it.
+progress, version, safety) imports nothing above it.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "phi3_onnx"
-GROUND = {"errors", "spec", "targets", "manifest", "progress", "version"}
+GROUND = {"errors", "spec", "targets", "manifest", "progress", "version", "safety"}
 # stage -> the stages (besides the ground floor and itself) it may import
 ALLOWED = {
     "checkpoint": set(),

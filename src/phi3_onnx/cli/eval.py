@@ -11,6 +11,7 @@ import typer
 
 from phi3_onnx.cli.app import app
 from phi3_onnx.errors import CheckFailed, Phi3OnnxError
+from phi3_onnx.safety import write_text_atomic
 
 
 class PositionsChoice(str, Enum):
@@ -60,6 +61,6 @@ def _check_numbers(max_tokens: int, window: int, min_top1: float | None) -> None
 def _write(path: Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_text_atomic(path, text)
     except OSError as exc:
         raise Phi3OnnxError(f"cannot write {path} ({exc.strerror})") from None

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from phi3_onnx.cli.app import app, warnings_to_stderr
+from phi3_onnx.safety import pause_point
 
 Pkg = Annotated[Path, typer.Argument(help="Package folder or bundle folder (from `phi3-onnx export`)")]
 Device = Annotated[str, typer.Option(help="auto | cpu | cuda | dml (auto: CUDA > DirectML > CPU)")]
@@ -54,6 +55,7 @@ def generate(
     for piece in pieces:
         sys.stdout.write(piece)
         sys.stdout.flush()
+        pause_point("generate:stream")
     sys.stdout.write("\n")
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import hashlib
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,10 @@ from phi3_onnx.evaluate.metrics import DriftAccumulator, window_stats
 from phi3_onnx.evaluate.report import DataInfo, ReferenceInfo, Report, VariantResult
 from phi3_onnx.evaluate.sources import LogitsSource, PackageSource, choose_ep, first_line, open_reference
 from phi3_onnx.evaluate.variants import Variant, discover_variants
+from phi3_onnx.safety import pause_point, remove_stale
+
+TEMP_PREFIX = "phi3-onnx-eval-"
+TEMP_RE = re.compile(re.escape(TEMP_PREFIX) + r"(?P<pid>\d+)-[^/]+")
 
 
 @dataclass(frozen=True)
@@ -65,8 +70,11 @@ def evaluate(package: str | os.PathLike, reference: str | os.PathLike, options: 
     tokens = tokenize_file(first.path, options.data)
     plan = plan_windows(int(tokens.size), first.manifest.model, options.window, options.max_tokens, options.positions)
     windows = list(plan.windows(tokens))
-    with tempfile.TemporaryDirectory(prefix="phi3-onnx-eval-") as tmp:
+    remove_stale(Path(tempfile.gettempdir()), TEMP_RE)  # left by a killed eval
+    # removed on any exception, KeyboardInterrupt and the CLI's SIGTERM included
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         ref_info, ref = _reference_logits(reference, windows, Path(tmp))
+        pause_point("eval:reference")
         _check_vocab(ref, first)
         rows = tuple(evaluate_variant(v, windows, ref, options.limits) for v in variants.items)
     return Report(str(package), variants.bundle, ref_info, _data_info(options, tokens, plan), rows, options.require_all)

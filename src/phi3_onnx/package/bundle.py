@@ -20,7 +20,8 @@ from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import BUNDLE, bundle_document, read_manifest
 from phi3_onnx.package import pipeline
 from phi3_onnx.package.options import ExportOptions
-from phi3_onnx.package.staging import refuse_existing, staged_folder
+from phi3_onnx.checkpoint import resolve_model
+from phi3_onnx.package.staging import check_destination, refuse_existing, staged_folder
 
 
 def _check_targets(targets: Sequence[str]) -> list[str]:
@@ -47,15 +48,16 @@ def export_bundle(
     Options apply to every variant they fit (`ExportOptions.for_target`): int4 block size /
     accuracy level to the quantized ones, AWQ calibration to the AWQ ones.
     """
-    output = Path(output)
     names = _check_targets(targets)
     refuse_existing(output, force)
     # validates every name first
     plans = {n: options.for_target(pipeline.resolve_target(n, ExportOptions())) for n in names}
-    with staged_folder(output, force) as tmp:
+    source = resolve_model(str(model))
+    dest = check_destination(output, source, force)
+    with staged_folder(dest) as tmp:
         for name, variant_options in plans.items():
-            pipeline.export(str(model), name, tmp / name, variant_options, progress=progress)
+            pipeline.export(str(source), name, tmp / name, variant_options, progress=progress)
         manifests = [(name, read_manifest(tmp / name)) for name in names]
         doc = bundle_document(manifests[0][1].source, manifests)
         (tmp / BUNDLE).write_text(json.dumps(doc, indent=2) + "\n")
-    return output
+    return Path(output)

@@ -26,9 +26,10 @@ from phi3_onnx.graph.rope import rope_cache_rows
 from phi3_onnx.manifest import MIN_VERSIONS, Manifest, file_entries, write_manifest
 from phi3_onnx.package.genai_config import default_max_length, genai_config
 from phi3_onnx.package.options import ExportOptions
-from phi3_onnx.package.staging import refuse_existing, staged_folder
+from phi3_onnx.package.staging import check_destination, staged_folder
 from phi3_onnx.package.verify import available_memory, check_loadable
 from phi3_onnx.progress import task
+from phi3_onnx.safety import pause_point
 from phi3_onnx.quantize import QuantizeInput, Quantized, get_quantizer
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target, get_target
@@ -186,7 +187,7 @@ def write_package(plan: ExportPlan, quantized: Quantized, dest: Path, progress: 
     with task(f"Writing {plan.target.name} weights", total, progress) as advance:
         # two workers: one reads/widens a tensor while the other quantizes (both release the GIL)
         ir.save(model, dest / "model.onnx", external_data="model.onnx.data", max_workers=SAVE_WORKERS,
-                max_in_flight_bytes=1 << 30, callback=lambda tensor, info: advance(1))
+                max_in_flight_bytes=1 << 30, callback=lambda tensor, info: _saved(advance))
     config = genai_config(plan.spec, plan.target, plan.max_length)
     (dest / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
     _copy_aux(plan.source, dest)
@@ -196,6 +197,11 @@ def write_package(plan: ExportPlan, quantized: Quantized, dest: Path, progress: 
         recipe=_recipe(plan, quantized),
     )
     write_manifest(dest, manifest)
+
+
+def _saved(advance) -> None:
+    advance(1)
+    pause_point("export:weights")
 
 
 def _recipe(plan: ExportPlan, quantized: Quantized) -> dict[str, Any]:
@@ -233,10 +239,11 @@ def export(
     checkpoint); by default the target's quantizer prepares them (RTN: the checkpoint as it is;
     AWQ: calibrated on `options.calibration`).
     """
-    output = Path(output)
-    refuse_existing(output, force)
-    plan, ckpt = plan_export(str(model), target, output, options)
-    with staged_folder(output, force) as tmp:
+    source = resolve_model(str(model))
+    dest = check_destination(output, source, force)  # exit 2 before any slow work
+    plan, ckpt = plan_export(str(source), target, Path(output), options)
+    pause_point("export:planned")
+    with staged_folder(dest) as tmp:
         if weights is not None:
             quantized = Quantized(weights, {"method": plan.target.quant.method if plan.target.quant else None,
                                             "weights": "supplied by the caller"})
@@ -244,4 +251,4 @@ def export(
             quantized = quantize(plan, ckpt, progress)
         write_package(plan, quantized, tmp, progress)
         check_loadable(tmp)
-    return output
+    return Path(output)
