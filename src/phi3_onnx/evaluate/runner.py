@@ -24,7 +24,7 @@ from phi3_onnx.evaluate.limits import LimitOverrides, check, resolve_limits
 from phi3_onnx.evaluate.metrics import DriftAccumulator, window_stats
 from phi3_onnx.evaluate.report import DataInfo, ReferenceInfo, Report, VariantResult
 from phi3_onnx.evaluate.sources import LogitsSource, PackageSource, choose_ep, first_line, open_reference
-from phi3_onnx.evaluate.variants import Variant, discover_variants
+from phi3_onnx.manifest import Variant, discover
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ def evaluate(package: str | os.PathLike, reference: str | os.PathLike, options: 
     `reference`: a package folder, a checkpoint folder or a hub id of the original checkpoint.
     """
     reference = os.fspath(reference)
-    variants = discover_variants(Path(package))
+    variants = discover(Path(package))  # every file name checked to stay inside its package
     first = variants.items[0]
     tokens = tokenize_file(first.path, options.data)
     plan = plan_windows(int(tokens.size), first.manifest.model, options.window, options.max_tokens, options.positions)
