@@ -215,8 +215,8 @@ def inside(root: Path, name: object, where: str) -> Path:
 
 
 def _relative_parts(name: object, where: str) -> list[str]:
-    if not isinstance(name, str) or not name or "\x00" in name:
-        _refuse(where, name, "is not a file name")
+    if not isinstance(name, str) or not name or any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        _refuse(where, name, "is not a file name (empty, or control characters)")
     if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
         _refuse(where, name, "is an absolute path")
     parts = name.split("/")
