@@ -69,3 +69,25 @@ def phi4_mini_like(**override: Any) -> dict[str, Any]:
     )
     cfg.update(override)
     return cfg
+
+
+def make_padded_vocab(src: Path, dst: Path, vocab_size: int) -> Path:
+    """Copy checkpoint `src` with embed_tokens / lm_head zero-padded to `vocab_size` rows.
+
+    Why: full-size random-weight checkpoints have a vocabulary larger than their tokenizer, and a
+    sampled id past the tokenizer's last one used to crash decoding; zero lm_head rows give those
+    ids logit 0, which sampling at temperature 1 picks often on this tiny model.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    dst = make_variant(src, dst, vocab_size=vocab_size)
+    for shard in sorted(dst.glob("model-*.safetensors")):
+        tensors = load_file(shard)
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            if name in tensors:
+                t = tensors[name]
+                pad = torch.zeros((vocab_size - t.shape[0], t.shape[1]), dtype=t.dtype)
+                tensors[name] = torch.cat([t, pad])
+        save_file(tensors, shard, metadata={"format": "pt"})
+    return dst

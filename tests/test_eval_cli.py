@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from phi3_onnx.cli import main
+from phi3_onnx.manifest import bundle_document, read_manifest
 
 HELDOUT = Path(__file__).resolve().parent / "assets" / "corpus" / "heldout.txt"
 FAST = ["--data", str(HELDOUT), "--max-tokens", "256", "--window", "128"]
@@ -148,7 +149,9 @@ def test_bundle_report_has_one_row_per_variant(tmp_path, int4, fp32, capsys):
     bundle.mkdir()
     shutil.copytree(int4, bundle / "int4-cpu")
     shutil.copytree(fp32, bundle / "fp32-cpu")
-    (bundle / "bundle.json").write_text("{}")
+    names = ["fp32-cpu", "int4-cpu"]  # bundle.json is the truth about a bundle's variants, as for `load`
+    doc = bundle_document("tiny", [(n, read_manifest(bundle / n)) for n in names])
+    (bundle / "bundle.json").write_text(json.dumps(doc))
     md = tmp_path / "report.md"
     rc, report = run_eval(tmp_path, bundle, fp32, "--markdown", str(md), "--max-tokens", "128")
     assert rc == 0, capsys.readouterr().err

@@ -76,7 +76,8 @@ def test_su_is_longrope_and_eos_from_generation_config() -> None:
         ({"architectures": ["Phi3SmallForCausalLM"]}, "Phi-3-small"),
         ({"architectures": ["LlamaForCausalLM"], "model_type": "llama"}, "unsupported architecture"),
         ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope type 'linear'"),
-        ({"partial_rotary_factor": 0.5}, "partial rotary"),
+        ({"partial_rotary_factor": 1.5}, "partial_rotary_factor 1.5 gives rotary dim 144"),
+        ({"partial_rotary_factor": 0.01}, "partial_rotary_factor 0.01 gives rotary dim 0"),
         ({"hidden_size": None}, "hidden_size must be an integer"),
         # issue 9: configs that used to export into wrong or unloadable packages
         ({"architectures": ["LlamaForCausalLM"], "model_type": "phi3"}, "unsupported architecture LlamaForCausalLM"),

@@ -124,13 +124,16 @@ def _token_ids(value: Any, key: str) -> list[int]:
 _SUPPORTED_ACTIVATIONS = ("silu",)
 
 
-def _check_shapes(hidden: int, heads: int, kv_heads: int, vocab: int, ids: dict[str, list[int]]) -> None:
+def _check_heads(hidden: int, heads: int, kv_heads: int) -> None:
     if hidden % heads:
         raise Phi3OnnxError(f"config.json: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
     if heads % kv_heads:
         raise Phi3OnnxError(f"config.json: num_attention_heads {heads} is not divisible by num_key_value_heads {kv_heads}")
     if (hidden // heads) % 2:
         raise Phi3OnnxError(f"config.json: head size {hidden // heads} is odd (rotary embeddings need an even one)")
+
+
+def _check_token_ids(vocab: int, ids: dict[str, list[int]]) -> None:
     for key, values in ids.items():
         bad = [i for i in values if i >= vocab]
         if bad:
@@ -195,7 +198,8 @@ def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: li
     hidden, heads = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
     kv_heads = _int(cfg, "num_key_value_heads", heads)
     vocab = _int(cfg, "vocab_size")
-    head_dim = hidden // heads if hidden % heads == 0 else None
+    _check_heads(hidden, heads, kv_heads)
+    head_dim = hidden // heads
     if cfg.get("head_dim") is not None and cfg.get("head_dim") != head_dim:
         raise Phi3OnnxError(f"config.json: head_dim {cfg['head_dim']!r} != hidden_size/num_attention_heads is not supported")
     rope = _rope_params(cfg)
@@ -209,7 +213,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: li
     pad = cfg.get("pad_token_id")
     pad = (eos[0] if eos else 0) if pad is None else _int(cfg, "pad_token_id", minimum=0)
     bos = _int(cfg, "bos_token_id", 1, minimum=0)
-    _check_shapes(hidden, heads, kv_heads, vocab, {"eos_token_id": eos, "pad_token_id": [pad], "bos_token_id": [bos]})
+    _check_token_ids(vocab, {"eos_token_id": eos, "pad_token_id": [pad], "bos_token_id": [bos]})
     tied = cfg.get("tie_word_embeddings", False)
     if not isinstance(tied, bool):
         raise Phi3OnnxError(f"config.json: tie_word_embeddings must be true or false, got {tied!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,8 +28,8 @@ def eval_(
     max_tokens: Annotated[int, typer.Option(help="Evaluate at most this many tokens (whole windows)")] = 1024,
     window: Annotated[int, typer.Option(help="Tokens per window (each window starts at position 0)")] = 128,
     positions: Annotated[PositionsChoice, typer.Option(help="start: windows of --window; long: windows of 2x the original context (LongRoPE)")] = PositionsChoice.start,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (docs/eval-json.md)")] = None,
-    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the report as a Markdown table")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the report as JSON (docs/eval-json.md); - for stdout")] = None,
+    markdown_out: Annotated[Optional[Path], typer.Option("--markdown", help="Write the report as a Markdown table; - for stdout")] = None,
     max_ppl_increase: Annotated[Optional[float], typer.Option(help="Override: max perplexity increase, percent")] = None,
     max_kl: Annotated[Optional[float], typer.Option(help="Override: max mean KL(ref || variant), nats")] = None,
     min_top1: Annotated[Optional[float], typer.Option(help="Override: min top-1 agreement, 0..1")] = None,
@@ -38,11 +39,14 @@ def eval_(
     from phi3_onnx.evaluate import EvalOptions, LimitOverrides, evaluate
     from phi3_onnx.evaluate.render import to_markdown, to_text
 
-    _check_numbers(max_tokens, window, min_top1)
+    _check_numbers(max_tokens, window)
+    to_stdout = _stdout_target(json_out, markdown_out)
     limits = LimitOverrides(max_ppl_increase, max_kl, min_top1)
     options = EvalOptions(data, window, max_tokens, positions.value, limits, require_all)
     report = evaluate(package, reference, options)
-    typer.echo(to_text(report), nl=False)
+    for warning in report.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(to_text(report), end="", file=sys.stderr if to_stdout else sys.stdout)  # stdout holds the - report alone
     if json_out:
         _write(json_out, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
     if markdown_out:
@@ -51,14 +55,24 @@ def eval_(
         raise CheckFailed(report.summary())
 
 
-def _check_numbers(max_tokens: int, window: int, min_top1: float | None) -> None:
+def _check_numbers(max_tokens: int, window: int) -> None:
     if max_tokens < 2 or window < 2:
         raise Phi3OnnxError("--max-tokens and --window must be at least 2")
-    if min_top1 is not None and not 0.0 <= min_top1 <= 1.0:
-        raise Phi3OnnxError(f"--min-top1 is a fraction in 0..1, got {min_top1}")
+
+
+def _stdout_target(json_out: Path | None, markdown_out: Path | None) -> bool:
+    """Whether a report goes to stdout (`-`); only one of them can."""
+    dashes = [flag for flag, path in (("--json", json_out), ("--markdown", markdown_out)) if str(path) == "-"]
+    if len(dashes) > 1:
+        raise Phi3OnnxError("--json - and --markdown - cannot both write to stdout; give one of them a file")
+    return bool(dashes)
 
 
 def _write(path: Path, text: str) -> None:
+    if str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(path, text)

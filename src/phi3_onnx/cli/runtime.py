@@ -72,6 +72,7 @@ def chat(
 
     options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, None)
     model = _load(pkg, device, verify, max_length, variant)
+    options.check_vocab(model.manifest.model.vocab_size)  # bad options end the command, not each turn
     session = model.chat(system)
     interactive = sys.stdin.isatty()
     if interactive:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
+from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.evaluate.metrics import DriftMetrics
 from phi3_onnx.targets import TARGETS, DriftLimits, Target
 
@@ -16,6 +18,18 @@ class LimitOverrides:
     max_ppl_increase_pct: float | None = None
     max_kl: float | None = None
     min_top1: float | None = None
+
+    def __post_init__(self) -> None:
+        """Limits are finite and non-negative, top-1 a fraction: a NaN or negative limit would make
+        every variant fail (or, compared the other way, pass) for a reason that is not drift."""
+        for flag, value in (("--max-ppl-increase", self.max_ppl_increase_pct), ("--max-kl", self.max_kl),
+                            ("--min-top1", self.min_top1)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise Phi3OnnxError(f"{flag} must be a finite number >= 0, got {value!r:.80}")
+        if self.min_top1 is not None and self.min_top1 > 1:
+            raise Phi3OnnxError(f"--min-top1 is a fraction in 0..1, got {self.min_top1}")
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class Report:
     data: DataInfo
     variants: tuple[VariantResult, ...]
     require_all: bool = False
+    warnings: tuple[str, ...] = ()  # for the person running it (stderr), not part of the JSON schema
 
     @property
     def failed(self) -> tuple[VariantResult, ...]:

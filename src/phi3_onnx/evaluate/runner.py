@@ -25,7 +25,7 @@ from phi3_onnx.evaluate.limits import LimitOverrides, check, resolve_limits
 from phi3_onnx.evaluate.metrics import DriftAccumulator, window_stats
 from phi3_onnx.evaluate.report import DataInfo, ReferenceInfo, Report, VariantResult
 from phi3_onnx.evaluate.sources import LogitsSource, PackageSource, choose_ep, first_line, open_reference
-from phi3_onnx.evaluate.variants import Variant, discover_variants
+from phi3_onnx.manifest import MANIFEST, Variant, discover, read_manifest, real_folder
 from phi3_onnx.safety import pause_point, remove_stale
 
 TEMP_PREFIX = "phi3-onnx-eval-"
@@ -65,7 +65,7 @@ def evaluate(package: str | os.PathLike, reference: str | os.PathLike, options: 
     `reference`: a package folder, a checkpoint folder or a hub id of the original checkpoint.
     """
     reference = os.fspath(reference)
-    variants = discover_variants(Path(package))
+    variants = discover(Path(package))  # every file name checked to stay inside its package
     first = variants.items[0]
     tokens = tokenize_file(first.path, options.data)
     plan = plan_windows(int(tokens.size), first.manifest.model, options.window, options.max_tokens, options.positions)
@@ -77,7 +77,19 @@ def evaluate(package: str | os.PathLike, reference: str | os.PathLike, options: 
         pause_point("eval:reference")
         _check_vocab(ref, first)
         rows = tuple(evaluate_variant(v, windows, ref, options.limits) for v in variants.items)
-    return Report(str(package), variants.bundle, ref_info, _data_info(options, tokens, plan), rows, options.require_all)
+    return Report(str(package), variants.bundle, ref_info, _data_info(options, tokens, plan), rows, options.require_all,
+                  tuple(same_package_warnings(variants.items, reference)))
+
+
+def same_package_warnings(variants: tuple[Variant, ...], reference: str) -> list[str]:
+    """A variant that is the reference itself (same folder, or the same files by sha256) passes trivially."""
+    ref = Path(reference)
+    if not (ref / MANIFEST).is_file():
+        return []
+    ref_real, ref_files = real_folder(ref), read_manifest(ref).files
+    return [f"variant {v.name} ({v.path}) is the reference package itself"
+            f" ({'same folder' if real_folder(v.path) == ref_real else 'same files by sha256'}): it passes trivially"
+            for v in variants if real_folder(v.path) == ref_real or v.manifest.files == ref_files]
 
 
 def _reference_logits(reference: str, windows: list[np.ndarray], folder: Path) -> tuple[ReferenceInfo, ReferenceLogits]:

@@ -1,9 +1,10 @@
 """The staged package, checked the way a user would load it, before it is renamed into place.
 
-An export must never end with exit 0 and an unloadable package: model.onnx and its external-data references are checked,
-onnxruntime-genai parses genai_config.json and loads the tokenizer, and the whole model is loaded
-on the CPU EP — in this process for small packages, in a child process for large ones (so the
-exporter's own peak memory stays what it is), skipped only when the machine could not hold it.
+An export must never end with exit 0 and an unloadable package: model.onnx and its external-data
+references are checked, then a child process (so the exporter's own peak memory stays what it is,
+and a crash inside genai cannot take the exporter with it) has onnxruntime-genai parse
+genai_config.json, load the tokenizer and load the whole model on the CPU EP — the model load
+skipped only when the machine could not hold it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from pathlib import Path
 
 from phi3_onnx.errors import Phi3OnnxError
 
-IN_PROCESS_BYTES = 256 * 2**20  # load packages up to this size in the exporting process
+# onnxruntime-genai runs in a child process: a package it cannot parse may crash it (a malformed
+# tokenizer.json has segfaulted it), which must end the check, not the exporter.
 _CHILD = (
     "import sys, onnxruntime_genai as og\n"
-    "c = og.Config(sys.argv[1]); c.clear_providers(); og.Model(c)\n"
+    "c = og.Config(sys.argv[1]); og.Tokenizer(c).encode('Hello')\n"
+    "if sys.argv[2] == '1':\n"
+    "    c.clear_providers(); og.Model(c)\n"
 )
 
 
@@ -70,40 +74,22 @@ def check_graph(folder: Path) -> None:
 
 
 def check_genai(folder: Path, full_load: bool) -> None:
-    """genai parses the config and loads the tokenizer (and, with full_load, the model on the CPU EP)."""
-    import onnxruntime_genai as og
-
-    try:
-        config = og.Config(str(folder))
-        tokenizer = og.Tokenizer(config)
-        tokenizer.encode("Hello")
-        if full_load:
-            config.clear_providers()
-            og.Model(config)
-    except Exception as exc:
-        raise Phi3OnnxError(f"the exported package does not load in onnxruntime-genai: {_first_line(exc)}") from None
-
-
-def check_in_child(folder: Path) -> None:
-    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder)], capture_output=True, text=True)
+    """In a child process, genai parses the config and loads the tokenizer (and, with full_load, the model on the CPU EP)."""
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(folder), "1" if full_load else "0"], capture_output=True, text=True)
     if out.returncode != 0:
         lines = [ln for ln in out.stderr.strip().splitlines() if ln.strip()]
-        raise Phi3OnnxError(f"the exported package does not load in onnxruntime-genai: {lines[-1][:300] if lines else out.returncode}")
+        why = lines[-1][:300] if lines else f"the check process died (exit {out.returncode})"
+        raise Phi3OnnxError(f"the exported package does not load in onnxruntime-genai: {why}")
 
 
 def check_loadable(folder: Path) -> str:
-    """Check the staged package; returns how far it went ('full load', 'child load', 'config + tokenizer')."""
+    """Check the staged package; returns how far it went ('full load' or 'config + tokenizer')."""
     check_graph(folder)
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
         return "graph only (onnxruntime-genai not installed)"
     weights = sum(p.stat().st_size for p in folder.glob("*.onnx*"))
-    small = weights <= IN_PROCESS_BYTES
-    check_genai(folder, full_load=small)
-    if small:
-        return "full load"
-    if weights * 1.5 < available_memory():
-        check_in_child(folder)
-        return "child load"
-    return "config + tokenizer (too large to load on this machine)"
+    full = weights * 1.5 < available_memory()
+    check_genai(folder, full_load=full)
+    return "full load" if full else "config + tokenizer (too large to load on this machine)"

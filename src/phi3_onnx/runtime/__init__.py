@@ -18,7 +18,8 @@ from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.runtime.deps import check_requires, installed_versions
 from phi3_onnx.runtime.model import ChatSession, Phi3Model
 from phi3_onnx.runtime.options import GenerationOptions
-from phi3_onnx.runtime.package import Package, Variant, choose_variant, is_bundle, open_package, read_bundle
+from phi3_onnx.manifest import Variant, discover
+from phi3_onnx.runtime.package import Package, choose_variant, open_package
 from phi3_onnx.runtime.providers import Choice, Environment, choose_provider, probe_environment
 
 log = logging.getLogger("phi3_onnx")
@@ -42,15 +43,15 @@ def plan_load(path: str | Path, device: str = "auto", verify: bool = False, vari
     if not folder.exists():
         raise Phi3OnnxError(f"package {folder} does not exist")
     env = environment or probe_environment()
-    if not is_bundle(folder):
+    found = discover(folder)
+    if not found.bundle:
         if variant is not None:
             raise Phi3OnnxError(f"{folder} is a single package, not a bundle: variant= does not apply")
         package = open_package(folder, verify)
         target = package.manifest.target
         return Plan(package, choose_provider(env, target.provider, device, target.name), env)
-    variants = read_bundle(folder)
-    chosen, choice = choose_variant(env, variants, device, variant)
-    return Plan(open_package(chosen.path, verify), choice, env, chosen.name, tuple(variants))
+    chosen, choice = choose_variant(env, list(found.items), device, variant)
+    return Plan(open_package(chosen.path, verify), choice, env, chosen.name, found.items)
 
 
 def load(path: str | Path, device: str = "auto", verify: bool = False, max_length: int | None = None,

@@ -8,8 +8,11 @@ thread-safe. A `ChatSession` keeps one Generator across turns, so it serialises 
 from __future__ import annotations
 
 import json
+import logging
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Union
 
@@ -17,7 +20,7 @@ from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import Manifest
 from phi3_onnx.runtime.decoder import Decoder
 from phi3_onnx.runtime.deps import import_genai
-from phi3_onnx.runtime.options import GenerationOptions, find_stop, safe_prefix_len
+from phi3_onnx.runtime.options import GenerationOptions, find_stop, safe_prefix_len, whole
 from phi3_onnx.runtime.package import Package
 from phi3_onnx.runtime.providers import Choice
 from phi3_onnx.runtime.structured import JsonPlan, plan_for
@@ -27,6 +30,9 @@ Prompt = Union[str, Sequence[Message]]
 # Phi-3's end-of-turn and end-of-text tokens: generation stops at either even when a package's
 # eos list names only one (generation running past <|end|> is a common complaint elsewhere).
 STOP_TOKENS = ("<|end|>", "<|endoftext|>")
+# Content of the one-message conversation that asks a chat template whether it renders a role.
+ROLE_PROBE = "phi3-onnx role probe 7f3a"
+log = logging.getLogger("phi3_onnx")
 
 
 class Phi3Model:
@@ -43,6 +49,8 @@ class Phi3Model:
         self._og = _load_og_model(package.path, choice.provider, self.max_length, self.max_batch)
         self._tokenizer = import_genai().Tokenizer(self._og)
         self.stop_token_ids = frozenset(self._stop_ids())
+        self._roles: dict[str, bool] = {}  # role -> whether the chat template renders it
+        self._undecodable: dict[int, bool] = {}  # token id -> genai's tokenizer fails on it alone
 
     @property
     def provider(self) -> str:
@@ -61,15 +69,68 @@ class Phi3Model:
         return [int(t) for t in self._tokenizer.encode(text)]
 
     def decode(self, ids: Sequence[int]) -> str:
-        return str(self._tokenizer.decode(list(ids)))
+        """Text of `ids`; ids genai's tokenizer cannot decode (see `decodable`) are left out."""
+        ids = [int(t) for t in ids]
+        try:
+            return str(self._tokenizer.decode(ids))
+        except RuntimeError:
+            return str(self._tokenizer.decode([t for t in ids if self.decodable(t)]))
+
+    def decode_piece(self, stream: Any, token: int) -> str:
+        """One token through a genai TokenizerStream; an undecodable one is shown as nothing."""
+        try:
+            return str(stream.decode(token))
+        except RuntimeError:
+            self.decodable(token)
+            return ""
+
+    def decodable(self, token: int) -> bool:
+        """Whether genai's tokenizer decodes `token` alone. Some tokenizer.json forms (e.g. a Metaspace
+        decoder) make it fail with `map::at` on ordinary ids; generation must not die on a sampled one."""
+        if token not in self._undecodable:
+            try:
+                self._tokenizer.decode([token])
+                self._undecodable[token] = False
+            except RuntimeError as exc:
+                if not any(self._undecodable.values()):  # one warning per model
+                    log.warning(f"onnxruntime-genai cannot decode token id {token} with the tokenizer of {self.path} "
+                                f"({_first_line(exc)}); such tokens are left out of the text")
+                self._undecodable[token] = True
+        return not self._undecodable[token]
 
     def text_stream(self) -> Any:
         """An incremental detokenizer: `.decode(token) -> str` gives the text each new token adds."""
         return self._tokenizer.create_stream()
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-        """The package's own chat template (tokenizer_config.json / chat_template.jinja) over `messages`."""
-        doc = json.dumps([_check_message(m) for m in messages])
+        """The package's own chat template (tokenizer_config.json / chat_template.jinja) over `messages`.
+
+        A message whose role the template does not render (it would be dropped silently) is refused.
+        """
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise Phi3OnnxError(f"messages must be a list of {{'role': str, 'content': str}}, got {messages!r:.80}")
+        checked = [_check_message(m) for m in messages]
+        for role in sorted({m["role"] for m in checked}):
+            self._check_role(role)
+        return self._render(json.dumps(checked), add_generation_prompt)
+
+    def _check_role(self, role: str) -> None:
+        if role not in self._roles:
+            probe = self._render(json.dumps([{"role": role, "content": ROLE_PROBE}]), False)
+            self._roles[role] = ROLE_PROBE in probe
+        if not self._roles[role]:
+            known = [r for r in ("system", "user", "assistant") if r == role or self._renders(r)]
+            raise Phi3OnnxError(f"the chat template of {self.path} does not render role {role!r} (the message "
+                                f"would be dropped); it renders: {', '.join(known) or 'none of system/user/assistant'}")
+
+    def _renders(self, role: str) -> bool:
+        try:
+            self._check_role(role)
+        except Phi3OnnxError:
+            return False
+        return True
+
+    def _render(self, doc: str, add_generation_prompt: bool) -> str:
         try:
             return str(self._tokenizer.apply_chat_template(doc, add_generation_prompt=add_generation_prompt))
         except RuntimeError:
@@ -149,7 +210,7 @@ class Phi3Model:
         stream = self._tokenizer.create_stream()
         for token in tokens:
             out.append(token)
-            yield str(stream.decode(token))
+            yield self.decode_piece(stream, token)
 
     def stream_text(self, tokens: Iterator[int], options: GenerationOptions, out: list[int]) -> Iterator[str]:
         """Text pieces as they are decoded; stops at (and hides) the first stop string."""
@@ -175,8 +236,7 @@ class Phi3Model:
         json_schema: the answer is JSON matching this schema ({"type": "object"} for any object),
         complete within max_new_tokens whenever its shortest valid form fits (runtime.structured).
         """
-        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens,
-                                          json_schema)
+        options = self.options(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema)
         ids: list[int] = []
         prompt_ids = self.prompt_ids(prompt)
         tokens = self.token_ids(self.new_decoder(options, len(prompt_ids)), prompt_ids, options)
@@ -190,28 +250,41 @@ class Phi3Model:
                top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
                min_new_tokens: int = 0, json_schema: Mapping[str, Any] | bool | None = None) -> Iterator[str]:
         """The completion as text pieces, yielded as tokens are generated (bad input raises here, not later)."""
-        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens,
-                                          json_schema)
+        options = self.options(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema)
         ids = self.prompt_ids(prompt)
         self.check_room(len(ids))
         return self.stream_text(self.token_ids(self.new_decoder(options, len(ids)), ids, options), options, [])
 
+    def options(self, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                seed: int | None = None, stop: str | Sequence[str] = (), min_new_tokens: int = 0,
+                json_schema: Mapping[str, Any] | bool | None = None) -> GenerationOptions:
+        """Generation settings checked against this model (top_k <= its vocabulary)."""
+        options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema)
+        return options.check_vocab(self.manifest.model.vocab_size)
+
     def chat(self, system: str | None = None) -> ChatSession:
+        if system is not None and not isinstance(system, str):
+            raise Phi3OnnxError(f"system must be a string, got {system!r:.80}")
         return ChatSession(self, system)
 
 
 class ChatSession:
     """Multi-turn Phi-3 chat that keeps its KV cache between turns: a turn appends only new tokens.
 
-    Turns are serialised with a lock (one Generator per session); use one session per conversation.
+    One Generator per session, so turns run one at a time: each generation step holds the session
+    lock, never a paused stream. A new turn first settles the previous one: a reply still being
+    read (its stream referenced, from this or another thread) is finished and recorded, the reader
+    getting the rest from a buffer; a stream closed or dropped early is discarded unrecorded. So an
+    abandoned stream never blocks the session. Use one session per conversation.
     """
 
     def __init__(self, model: Phi3Model, system: str | None = None) -> None:
         self.model = model
         self.messages: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._decoder: Decoder | None = None
         self._options: GenerationOptions | None = None
+        self._turn: _Turn | None = None
         self.reused_tokens = 0  # prompt tokens served from the cache in the last turn
 
     def send(self, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -220,20 +293,59 @@ class ChatSession:
 
     def stream(self, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> Iterator[str]:
-        """One turn: the user's `text` in, the assistant's reply out as pieces; history updated at the end."""
-        return self._turn(text, GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop))
+        """One turn: the user's `text` in, the assistant's reply out as pieces; history updated at the end.
 
-    def _turn(self, text: str, options: GenerationOptions) -> Iterator[str]:
+        Bad input raises here; the previous turn is settled first (see the class docstring).
+        """
+        options = self.model.options(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        if not isinstance(text, str):
+            raise Phi3OnnxError(f"a chat turn is a string, got {text!r:.80}")
         with self._lock:
-            messages = [*self.messages, {"role": "user", "content": text}]
-            prompt = self.model.prompt_ids(messages)
-            decoder = self._decoder_for(options)
-            reply: list[str] = []
-            for piece in self.model.stream_text(self.model.token_ids(decoder, prompt, options), options, []):
-                reply.append(piece)
-                yield piece
-            self.messages = [*messages, {"role": "assistant", "content": "".join(reply)}]
+            self._settle()
+            turn = self._start(text, options)
+            reader = self._read(turn)
+            turn.reader = weakref.ref(reader)
+            self._turn = turn
+        return reader
+
+    def _start(self, text: str, options: GenerationOptions) -> _Turn:
+        messages = [*self.messages, {"role": "user", "content": text}]
+        prompt = self.model.prompt_ids(messages)
+        self.model.check_room(len(prompt))
+        decoder = self._decoder_for(options)
+        pieces = self.model.stream_text(self.model.token_ids(decoder, prompt, options), options, [])
+
+        def record(reply: str) -> None:
+            self.messages = [*messages, {"role": "assistant", "content": reply}]
             self.reused_tokens = decoder.reused
+
+        return _Turn(pieces, record)
+
+    def _settle(self) -> None:
+        """Finish the previous turn if someone can still read it, else discard it (caller holds the lock)."""
+        turn = self._turn
+        if turn is None or turn.done:
+            return
+        if turn.closed or turn.reader is None or turn.reader() is None:
+            turn.cancel(Phi3OnnxError("this reply was closed before it ended"))
+        else:
+            turn.finish()
+
+    def _read(self, turn: _Turn) -> Iterator[str]:
+        """The reader of one turn: pieces from the buffer, generating one step at a time under the lock."""
+        try:
+            while True:
+                with self._lock:
+                    if not turn.buffer and not turn.done:
+                        turn.step()
+                    piece = turn.buffer.popleft() if turn.buffer else None
+                if piece is None:
+                    if turn.error is not None:
+                        raise turn.error
+                    return
+                yield piece
+        finally:
+            turn.closed = True  # no lock here: this may run in a garbage-collection finaliser
 
     def _decoder_for(self, options: GenerationOptions) -> Decoder:
         """Keep the Generator while the search settings stay the same; they are fixed per Generator."""
@@ -242,13 +354,58 @@ class ChatSession:
         return self._decoder
 
     def reset(self) -> None:
+        """Forget the conversation (the system message stays); a reply still streaming ends with an error."""
         with self._lock:
+            if self._turn is not None and not self._turn.done:
+                self._turn.cancel(Phi3OnnxError("the chat was reset while this reply was streaming"))
             self.messages = [m for m in self.messages if m["role"] == "system"]
             self._decoder = None
 
 
+class _Turn:
+    """One chat reply being generated: its pieces so far (for a reader that has not taken them yet)
+    and how it ended. Every method runs under the session's lock."""
+
+    def __init__(self, pieces: Iterator[str], record: Callable[[str], None]) -> None:
+        self._pieces = pieces
+        self._record = record
+        self.buffer: deque[str] = deque()
+        self.reply: list[str] = []
+        self.done = False
+        self.closed = False
+        self.error: BaseException | None = None
+        self.reader: weakref.ref[Iterator[str]] | None = None
+
+    def step(self) -> None:
+        """Generate one more piece into the buffer, or end the turn (recording it in the history)."""
+        try:
+            piece = next(self._pieces)
+        except StopIteration:
+            self.done = True
+            self._record("".join(self.reply))
+            return
+        except BaseException as exc:
+            self.cancel(exc if isinstance(exc, Exception) else Phi3OnnxError("generation was interrupted"))
+            raise
+        self.reply.append(piece)
+        self.buffer.append(piece)
+
+    def finish(self) -> None:
+        """Run the turn to its end for a reader that has not come back (errors stay with that reader)."""
+        try:
+            while not self.done:
+                self.step()
+        except Exception:
+            pass  # kept in self.error for the turn's own reader; the next turn goes ahead
+
+    def cancel(self, error: BaseException) -> None:
+        self.done, self.error = True, error
+        self.buffer.clear()
+
+
 def _check_message(m: Message) -> dict[str, str]:
-    if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+    if not isinstance(m, Mapping) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str) \
+            or not m["role"]:
         raise Phi3OnnxError(f"a chat message is a {{'role': str, 'content': str}} mapping, got {m!r}")
     return {"role": m["role"], "content": m["content"]}
 
@@ -267,7 +424,7 @@ def _template_file(folder: Path) -> str:
 
 def _check_max_length(manifest: Manifest, max_length: int | None) -> int:
     """KV buffers are allocated at max_length: default to the package's (<= 4096), never the full context."""
-    length = manifest.max_length if max_length is None else int(max_length)
+    length = manifest.max_length if max_length is None else whole("max_length", max_length)
     context = manifest.model.max_position_embeddings
     if not 0 < length <= context:
         raise Phi3OnnxError(f"max_length must be in 1..{context} (the model's context), got {length}")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from phi3_onnx.errors import Phi3OnnxError
+
+MAX_TEMPERATURE = 100.0  # past this sampling is uniform noise; genai's float32 math overflows far later
+MAX_SEED = 2**31 - 1  # genai's random_seed is a C int
 
 
 @dataclass(frozen=True)
@@ -27,28 +32,36 @@ class GenerationOptions:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise Phi3OnnxError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # also rejects NaN
-            raise Phi3OnnxError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature <= MAX_TEMPERATURE:  # also rejects NaN
+            raise Phi3OnnxError(f"temperature must be >= 0 and <= {MAX_TEMPERATURE:g} (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise Phi3OnnxError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise Phi3OnnxError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise Phi3OnnxError(f"min_new_tokens must be in 0..max_new_tokens, got {self.min_new_tokens}")
-        if any(not s for s in self.stop):
-            raise Phi3OnnxError("stop strings must not be empty")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise Phi3OnnxError(f"seed must be in 0..{MAX_SEED}, got {self.seed}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise Phi3OnnxError(f"stop strings must be non-empty strings, got {self.stop!r:.120}")
 
     @classmethod
     def build(cls, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
               stop: str | Sequence[str] | None, min_new_tokens: int = 0,
               json_schema: Mapping[str, Any] | bool | None = None) -> GenerationOptions:
-        """From keyword arguments; a single stop string is one stop, not its characters."""
+        """From keyword arguments, type-checked; a single stop string is one stop, not its characters."""
         from phi3_onnx.runtime.structured import schema_text
 
-        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
         schema = None if json_schema is None else schema_text(json_schema)
-        return cls(int(max_new_tokens), float(temperature), float(top_p), int(top_k), seed, stops, int(min_new_tokens),
-                   schema)
+        return cls(whole("max_new_tokens", max_new_tokens), real("temperature", temperature), real("top_p", top_p),
+                   whole("top_k", top_k), None if seed is None else whole("seed", seed), _stops(stop),
+                   whole("min_new_tokens", min_new_tokens), schema)
+
+    def check_vocab(self, vocab_size: int) -> GenerationOptions:
+        """top_k may not exceed the vocabulary (genai refuses it only at the first token)."""
+        if self.top_k > vocab_size:
+            raise Phi3OnnxError(f"top_k must be <= the vocabulary size {vocab_size} (0 = no limit), got {self.top_k}")
+        return self
 
     @property
     def sampling(self) -> tuple[float, float, int, int | None]:
@@ -74,6 +87,38 @@ class GenerationOptions:
         if self.seed is not None:
             opts["random_seed"] = int(self.seed)
         return opts
+
+
+def whole(name: str, value: Any) -> int:
+    """An integer argument: an int, or a float with an integral finite value (bool and NaN/inf refused)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, float)):
+        raise Phi3OnnxError(f"{name} must be an integer, got {value!r:.80}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise Phi3OnnxError(f"{name} must be a finite integer, got {value!r}")
+    return int(value)
+
+
+def real(name: str, value: Any) -> float:
+    """A finite number argument (bool, NaN and inf refused)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise Phi3OnnxError(f"{name} must be a number, got {value!r:.80}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise Phi3OnnxError(f"{name} must be a finite number, got {value!r:.80}") from None
+    if not math.isfinite(number):
+        raise Phi3OnnxError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _stops(stop: Any) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        return (stop,)
+    if isinstance(stop, (bytes, bytearray)) or not isinstance(stop, Sequence):
+        raise Phi3OnnxError(f"stop must be a string or a list of strings, got {stop!r:.80}")
+    return tuple(stop)
 
 
 def find_stop(text: str, stops: tuple[str, ...]) -> int:
