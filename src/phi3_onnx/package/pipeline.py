@@ -142,7 +142,7 @@ def plan_export(model: str, target: str | Target, output: str | os.PathLike,
     _check_tokenizer(source)
     ckpt = SafetensorsCheckpoint(source)
     check_tensors(ckpt, spec)
-    length = options.max_length or default_max_length(spec)
+    length = default_max_length(spec) if options.max_length is None else options.max_length
     if not 0 < length <= spec.max_position_embeddings:
         raise Phi3OnnxError(f"--max-length must be in 1..{spec.max_position_embeddings}, got {length}")
     largest = max(e.end - e.begin for e in ckpt.entries.values())
