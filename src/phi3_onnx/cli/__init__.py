@@ -22,7 +22,7 @@ for _name in VERB_MODULES:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and the documented exit codes."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="phi3-onnx", standalone_mode=False)
     except Phi3OnnxError as exc:
         if os.environ.get("PHI3_ONNX_DEBUG"):
             raise
