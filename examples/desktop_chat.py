@@ -1,7 +1,7 @@
 """A minimal desktop-app integration of a phi3-onnx package (copy this into your app).
 
-    pip install "phi3-onnx[cpu]"        # or [cuda] (NVIDIA), [directml] (Windows GPUs)
-    python examples/desktop_chat.py path/to/package-or-bundle
+    pip install -e ".[cpu]"             # from a clone; or [cuda] (NVIDIA), [directml] (Windows GPUs)
+    python examples/desktop_chat.py path/to/package-or-bundle      # type lines; quit, /exit or Ctrl-D ends
 
 The runtime needs only onnxruntime + onnxruntime-genai at run time; the package folder (or a bundle
 of variants, from `phi3-onnx export --target A --target B`) ships with your app.
@@ -13,6 +13,9 @@ import sys
 
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.runtime import load
+
+USAGE = "usage: python examples/desktop_chat.py PACKAGE_OR_BUNDLE   (e.g. out/tiny-int4 from the README's Quick start)"
+QUIT = {"quit", "exit", "/quit", "/exit"}
 
 
 def main(path: str) -> int:
@@ -33,6 +36,8 @@ def main(path: str) -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
+        if line.strip().lower() in QUIT:  # app commands never reach the model
+            break
         for piece in session.stream(line.strip(), max_new_tokens=256, temperature=0.7, top_p=0.9, seed=0):
             print(piece, end="", flush=True)
         print()
@@ -40,4 +45,7 @@ def main(path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "phi3-mini-int4"))
+    if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
+    sys.exit(main(sys.argv[1]))

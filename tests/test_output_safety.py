@@ -286,7 +286,7 @@ def test_api_export_keyboard_interrupt_while_writing_weights(tmp_path, tiny_ckpt
     before = _snapshot(out)
     calls = []
 
-    def interrupted(advance):
+    def interrupted(advance, total):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt

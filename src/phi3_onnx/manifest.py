@@ -38,9 +38,10 @@ PROVIDERS = ("cpu", "cuda", "dml")
 IO_DTYPES = ("float32", "float16")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_SYMLINK_HOPS = 40
-# The oldest runtimes whose ops (GQA with rotary + local window, MatMulNBits accuracy levels) and
-# genai_config keys these packages use.
-MIN_VERSIONS = {"onnxruntime": "1.20.0", "onnxruntime-genai": "0.5.0"}
+# The oldest runtimes a package is loaded with (manifest.json `requires`, shown by `info`): the one
+# source of truth; pyproject's [cpu]/[cuda]/[directml] extras repeat these lower bounds and
+# tests/test_cli_polish.py fails when the two disagree.
+MIN_VERSIONS = {"onnxruntime": "1.22.0", "onnxruntime-genai": "0.8.0"}
 
 
 @dataclass(frozen=True)

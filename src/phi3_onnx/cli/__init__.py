@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(argv: list[str] | None) -> int:
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="phi3-onnx", standalone_mode=False)
     except Phi3OnnxError as exc:
         if os.environ.get("PHI3_ONNX_DEBUG"):
             raise

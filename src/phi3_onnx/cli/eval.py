@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from phi3_onnx.cli.app import app
+from phi3_onnx.cli.app import app, example
 from phi3_onnx.errors import CheckFailed, Phi3OnnxError
 from phi3_onnx.safety import write_text_atomic
 
@@ -20,7 +20,8 @@ class PositionsChoice(str, Enum):
     long = "long"
 
 
-@app.command("eval")
+@app.command("eval", epilog=example(
+    "phi3-onnx eval out/tiny-int4 --reference out/tiny-fp32-cpu --data tests/assets/corpus/heldout.txt"))
 def eval_(
     package: Annotated[Path, typer.Argument(help="A package folder, or a bundle (folder of variant folders)")],
     reference: Annotated[str, typer.Option("--reference", "-r", help="Reference: a package folder (e.g. the fp32-cpu export) or the original checkpoint (needs the torch extra)")],
@@ -34,6 +35,7 @@ def eval_(
     max_kl: Annotated[Optional[float], typer.Option(help="Override: max mean KL(ref || variant), nats")] = None,
     min_top1: Annotated[Optional[float], typer.Option(help="Override: min top-1 agreement, 0..1")] = None,
     require_all: Annotated[bool, typer.Option("--require-all", help="Fail when any variant is skipped")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr")] = False,
 ) -> None:
     """Check quantized variants for accuracy drift against a reference; exit 1 when any is over a limit."""
     from phi3_onnx.evaluate import EvalOptions, LimitOverrides, evaluate
@@ -42,7 +44,7 @@ def eval_(
     _check_numbers(max_tokens, window)
     to_stdout = _stdout_target(json_out, markdown_out)
     limits = LimitOverrides(max_ppl_increase, max_kl, min_top1)
-    options = EvalOptions(data, window, max_tokens, positions.value, limits, require_all)
+    options = EvalOptions(data, window, max_tokens, positions.value, limits, require_all, progress=not quiet)
     report = evaluate(package, reference, options)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)

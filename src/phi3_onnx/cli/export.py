@@ -7,13 +7,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from phi3_onnx.cli.app import app
+from phi3_onnx.cli.app import app, example, human_bytes, human_count, write_json
 from phi3_onnx.targets import TARGETS
 
 TARGET_HELP = "Target from the registry: " + ", ".join(TARGETS)
 
 
-@app.command()
+@app.command(epilog=example(
+    "phi3-onnx export --model tests/assets/tiny-phi3 --target int4-cpu --output out/tiny-int4",
+    "phi3-onnx export -m microsoft/Phi-3-mini-4k-instruct -t int4-cpu -t fp32-cpu -o phi3-bundle --dry-run"))
 def export(
     model: Annotated[str, typer.Option("--model", "-m", help="Checkpoint folder, or a Hugging Face hub id (owner/name)")],
     target: Annotated[list[str], typer.Option("--target", "-t", help=TARGET_HELP)],
@@ -42,9 +44,7 @@ def export(
         calibration=CalibrationOptions(str(calibration) if calibration else None, calibration_samples),
     )
     if dry_run:
-        for name in target:
-            out = output / name if len(target) > 1 else output
-            plan, _ = pipeline.plan_export(model, name, out, options.for_target(pipeline.resolve_target(name, ExportOptions())))
+        for plan in pipeline.dry_run(model, target, output, options, force=force):
             _print_plan(plan)
         return
     if len(target) > 1:
@@ -56,22 +56,29 @@ def export(
 
 
 def _print_plan(plan) -> None:
-    gib = 2**30
-    typer.echo(f"model:      {plan.source} ({plan.spec.num_params() / 1e9:.2f}B parameters)")
+    typer.echo(f"model:      {plan.source} ({human_count(plan.spec.num_params())} parameters)")
     typer.echo(f"target:     {plan.target.name} ({plan.target.description})")
     typer.echo(f"output:     {plan.output}")
     typer.echo(f"files:      {', '.join(plan.files)}")
-    typer.echo(f"weights:    {plan.weight_bytes / gib:.2f} GiB in model.onnx.data")
+    typer.echo(f"weights:    {human_bytes(plan.weight_bytes)} in model.onnx.data")
     typer.echo(f"max_length: {plan.max_length}")
     window = plan.spec.attention_window
     typer.echo(f"context:    {plan.spec.max_position_embeddings} tokens, " + (f"sliding window {window}" if window else "no sliding window"))
-    typer.echo(f"peak RAM:   ~{plan.peak_ram_bytes / gib:.1f} GiB (estimate)")
+    awq = f", of which AWQ calibration ~{human_bytes(plan.awq_ram_bytes)}" if plan.awq_ram_bytes else ""
+    typer.echo(f"peak RAM:   ~{human_bytes(plan.peak_ram_bytes)} (estimate{awq})")
 
 
-@app.command()
-def targets() -> None:
+@app.command(epilog=example("phi3-onnx targets", "phi3-onnx targets --json - | python -m json.tool"))
+def targets(
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the registry as JSON to this file (- for stdout)")] = None,
+) -> None:
     """List the registered targets."""
     from rich.console import Console
+
+    if json_out is not None:
+        write_json({"targets": [t.to_dict() for t in TARGETS.values()]}, json_out)
+        if str(json_out) == "-":
+            return
     from rich.table import Table
 
     table = Table("target", "provider", "weights", "activations", "block", "description")

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from phi3_onnx.cli.app import app, warnings_to_stderr
+from phi3_onnx.cli.app import app, example, warnings_to_stderr
 from phi3_onnx.errors import Phi3OnnxError
 
 
@@ -17,7 +17,8 @@ class Speculative(str, Enum):
     ngram = "ngram"
 
 
-@app.command()
+@app.command(epilog=example("phi3-onnx serve out/tiny-int4 --port 8000",
+                            'phi3-onnx serve phi3-mini-bundle --host 0.0.0.0 --api-key "$KEY" --max-batch 8'))
 def serve(
     pkg: Annotated[Path, typer.Argument(help="Package folder or bundle folder (from `phi3-onnx export`)")],
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback warns without --api-key")] = "127.0.0.1",

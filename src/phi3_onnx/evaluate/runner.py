@@ -14,6 +14,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,13 @@ from phi3_onnx.safety import pause_point, remove_stale
 
 TEMP_PREFIX = "phi3-onnx-eval-"
 TEMP_RE = re.compile(re.escape(TEMP_PREFIX) + r"(?P<pid>\d+)-[^/]+")
+from phi3_onnx.progress import task
+
+Advance = Callable[..., None]
+
+
+def _no_progress(n: int = 1, total: int | None = None) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,7 @@ class EvalOptions:
     positions: Positions = "start"
     limits: LimitOverrides = field(default_factory=LimitOverrides)
     require_all: bool = False
+    progress: bool = False  # a rich bar on stderr when it is a TTY; nothing on a pipe (stderr stays the one-line error)
 
 
 @dataclass(frozen=True)
@@ -50,9 +59,11 @@ class ReferenceLogits:
     count: int
 
     @classmethod
-    def build(cls, source: LogitsSource, windows: list[np.ndarray], folder: Path) -> ReferenceLogits:
+    def build(cls, source: LogitsSource, windows: list[np.ndarray], folder: Path,
+              advance: Advance = _no_progress) -> ReferenceLogits:
         for k, ids in enumerate(windows):
             np.save(folder / f"window-{k:05d}.npy", source.logits(ids))
+            advance(1)
         return cls(folder, len(windows))
 
     def get(self, k: int) -> np.ndarray:
@@ -71,12 +82,14 @@ def evaluate(package: str | os.PathLike, reference: str | os.PathLike, options: 
     plan = plan_windows(int(tokens.size), first.manifest.model, options.window, options.max_tokens, options.positions)
     windows = list(plan.windows(tokens))
     remove_stale(Path(tempfile.gettempdir()), TEMP_RE)  # left by a killed eval
+    steps = len(windows) * (1 + len(variants.items))  # one per window: the reference's, then each variant's
     # removed on any exception, KeyboardInterrupt and the CLI's SIGTERM included
-    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
-        ref_info, ref = _reference_logits(reference, windows, Path(tmp))
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp, \
+            task(f"Evaluating {len(variants.items)} variant(s)", steps, options.progress, pipe_lines=False) as advance:
+        ref_info, ref = _reference_logits(reference, windows, Path(tmp), advance)
         pause_point("eval:reference")
         _check_vocab(ref, first)
-        rows = tuple(evaluate_variant(v, windows, ref, options.limits) for v in variants.items)
+        rows = tuple(evaluate_variant(v, windows, ref, options.limits, advance) for v in variants.items)
     return Report(str(package), variants.bundle, ref_info, _data_info(options, tokens, plan), rows, options.require_all,
                   tuple(same_package_warnings(variants.items, reference)))
 
@@ -92,11 +105,12 @@ def same_package_warnings(variants: tuple[Variant, ...], reference: str) -> list
             for v in variants if real_folder(v.path) == ref_real or v.manifest.files == ref_files]
 
 
-def _reference_logits(reference: str, windows: list[np.ndarray], folder: Path) -> tuple[ReferenceInfo, ReferenceLogits]:
+def _reference_logits(reference: str, windows: list[np.ndarray], folder: Path,
+                      advance: Advance = _no_progress) -> tuple[ReferenceInfo, ReferenceLogits]:
     start = time.perf_counter()
     source = open_reference(reference)
     try:
-        cache = ReferenceLogits.build(source, windows, folder)
+        cache = ReferenceLogits.build(source, windows, folder, advance)
     except Exception as exc:  # the reference must run: anything else is bad input, not drift
         raise Phi3OnnxError(f"reference {reference} failed to run: {first_line(exc)}") from None
     info = ReferenceInfo(source.kind, source.path, source.ep, time.perf_counter() - start)
@@ -116,21 +130,27 @@ def _data_info(options: EvalOptions, tokens: np.ndarray, plan: WindowPlan) -> Da
     return DataInfo(str(options.data), digest, int(tokens.size), plan.positions, plan.length, plan.count, options.max_tokens)
 
 
-def evaluate_variant(variant: Variant, windows: list[np.ndarray], ref: ReferenceLogits, overrides: LimitOverrides) -> VariantResult:
-    """One report row. A variant that cannot run is skipped when it ran on a fallback EP, an error otherwise."""
+def evaluate_variant(variant: Variant, windows: list[np.ndarray], ref: ReferenceLogits, overrides: LimitOverrides,
+                     advance: Advance = _no_progress) -> VariantResult:
+    """One report row. A variant that cannot run is skipped when it ran on a fallback EP, an error otherwise.
+    `advance(1)` per window; a variant that stops early advances by the windows it did not run."""
     import onnxruntime as ort
 
     ep = choose_ep(variant.manifest, ort.get_available_providers())
     row = VariantResult(variant.name, str(variant.path), variant.manifest.target.name, "pass", None, None,
                         ep.requested, ep.note, resolve_limits(variant.manifest.target, overrides))
     t0 = time.perf_counter()
+    done = 0
     try:
         source = PackageSource.open(variant.path, ep.used)
         t1 = time.perf_counter()
         acc = DriftAccumulator()
         for k, ids in enumerate(windows):
             acc.add(window_stats(ref.get(k), source.logits(ids), ids))
+            done += 1
+            advance(1)
     except Exception as exc:  # onnxruntime raises its own exception types for missing kernels
+        advance(len(windows) - done)
         return _not_run(row, exc, fallback=ep.note is not None)
     metrics = acc.result()
     failures = tuple(check(metrics, row.limits.limits))

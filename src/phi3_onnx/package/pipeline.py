@@ -26,7 +26,7 @@ from phi3_onnx.graph.rope import rope_cache_rows
 from phi3_onnx.manifest import MIN_VERSIONS, Manifest, file_entries, write_manifest
 from phi3_onnx.package.genai_config import default_max_length, genai_config
 from phi3_onnx.package.options import ExportOptions
-from phi3_onnx.package.staging import check_destination, staged_folder
+from phi3_onnx.package.staging import check_destination, preview_destination, staged_folder
 from phi3_onnx.package.verify import available_memory, check_loadable
 from phi3_onnx.progress import task
 from phi3_onnx.safety import pause_point
@@ -58,6 +58,7 @@ class ExportPlan:
     peak_ram_bytes: int
     files: tuple[str, ...]
     options: ExportOptions
+    awq_ram_bytes: int = 0  # the part of peak_ram_bytes that AWQ calibration adds (0 for other targets)
 
 
 def _tool_versions() -> dict[str, str]:
@@ -109,15 +110,19 @@ def _check_tokenizer(source: Path) -> None:
 
 def _peak_ram(spec: ModelSpec, largest_tensor: int, target: Target) -> int:
     """Expected peak RSS: the graph's rotary caches (built in float32, then cast), one tensor at a
-    time (raw bytes + float32 copy + transposed/quantized copies), the interpreter; AWQ adds one
-    layer's float32 weights and the calibration hidden states."""
+    time (raw bytes + float32 copy + transposed/quantized copies), the interpreter; AWQ adds
+    `_awq_ram`."""
     rope = rope_cache_rows(spec) * (spec.rotary_dim // 2) * 4 * 2 * 2
-    peak = rope + largest_tensor * 2 * 4 + 700 * 2**20
-    if target.quant is not None and target.quant.method == "awq":
-        layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
-                    for r, t in TENSORS.items() if t.per_layer) * 4
-        peak += 3 * layer + 8 * 256 * spec.hidden_size * 4 * 4
-    return peak
+    return rope + largest_tensor * 2 * 4 + 700 * 2**20 + _awq_ram(spec, target)
+
+
+def _awq_ram(spec: ModelSpec, target: Target) -> int:
+    """AWQ's extra: one layer's float32 weights (three copies) and the calibration hidden states."""
+    if target.quant is None or target.quant.method != "awq":
+        return 0
+    layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
+                for r, t in TENSORS.items() if t.per_layer) * 4
+    return 3 * layer + 8 * 256 * spec.hidden_size * 4 * 4
 
 
 def _check_memory(spec: ModelSpec, peak: int) -> None:
@@ -150,20 +155,35 @@ def plan_export(model: str, target: str | Target, output: str | os.PathLike,
     _check_memory(spec, peak)
     graph = build_model(spec, tgt, ckpt)
     weight_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values())
-    files = ("model.onnx", "model.onnx.data", "genai_config.json", "manifest.json",
-             *[f for f in AUX_FILES if (source / f).is_file()])
-    plan = ExportPlan(source, spec, tgt, Path(output), length, weight_bytes, peak, files, options)
+    files = ("model.onnx", "model.onnx.data", "genai_config.json", "manifest.json", *(p.name for p in _aux_files(source)))
+    plan = ExportPlan(source, spec, tgt, Path(output), length, weight_bytes, peak, tuple(sorted(files)), options,
+                      _awq_ram(spec, tgt))
     return plan, ckpt
 
 
-def _copy_aux(source: Path, dest: Path) -> None:
-    for name in AUX_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, dest / name)
+def dry_run(model: str, targets: list[str], output: str | os.PathLike, options: ExportOptions = ExportOptions(),
+            *, force: bool = False) -> list[ExportPlan]:
+    """The plans a real export would follow (one per target; several: output/<target>), refusing what it would refuse."""
+    output = Path(output)
+    preview_destination(output, resolve_model(model), force)
+    plans = []
+    for name in targets:
+        out = output / name if len(targets) > 1 else output
+        plans.append(plan_export(model, name, out, options.for_target(resolve_target(name, ExportOptions())))[0])
+    return plans
+
+
+def _aux_files(source: Path) -> list[Path]:
+    """What the export copies from the checkpoint: the tokenizer/config files, then the licence and readme."""
+    files = [source / name for name in AUX_FILES if (source / name).is_file()]
     for pattern in LICENSE_GLOBS:
-        for path in sorted(source.glob(pattern)):
-            if path.is_file():
-                shutil.copy2(path, dest / path.name)
+        files += [path for path in sorted(source.glob(pattern)) if path.is_file()]
+    return files
+
+
+def _copy_aux(source: Path, dest: Path) -> None:
+    for path in _aux_files(source):
+        shutil.copy2(path, dest / path.name)
     _inline_chat_template(dest)
 
 
@@ -183,11 +203,13 @@ def write_package(plan: ExportPlan, quantized: Quantized, dest: Path, progress: 
     quant = plan.target.quant
     pack = get_quantizer(quant.method).packer() if quant else None
     model = build_model(plan.spec, plan.target, quantized.weights, pack)
+    # the callback fires once per tensor written to model.onnx.data (info.total of them); initializers
+    # under onnx_ir's size threshold stay inside model.onnx, so len(initializers) is not the count
     total = len(model.graph.initializers)
     with task(f"Writing {plan.target.name} weights", total, progress) as advance:
         # two workers: one reads/widens a tensor while the other quantizes (both release the GIL)
         ir.save(model, dest / "model.onnx", external_data="model.onnx.data", max_workers=SAVE_WORKERS,
-                max_in_flight_bytes=1 << 30, callback=lambda tensor, info: _saved(advance))
+                max_in_flight_bytes=1 << 30, callback=lambda tensor, info: _saved(advance, info.total))
     config = genai_config(plan.spec, plan.target, plan.max_length)
     (dest / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
     _copy_aux(plan.source, dest)
@@ -199,8 +221,9 @@ def write_package(plan: ExportPlan, quantized: Quantized, dest: Path, progress: 
     write_manifest(dest, manifest)
 
 
-def _saved(advance) -> None:
-    advance(1)
+def _saved(advance, total: int) -> None:
+    """One tensor written to model.onnx.data (the saver's own count is the bar's total)."""
+    advance(1, total=total)
     pause_point("export:weights")
 
 

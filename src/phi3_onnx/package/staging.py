@@ -72,6 +72,13 @@ def check_destination(output: str | os.PathLike, source: Path | None, force: boo
     return dest
 
 
+def preview_destination(output: str | os.PathLike, source: Path, force: bool) -> None:
+    """The output rules a --dry-run can check without writing: no overlap with the checkpoint, --force."""
+    dest = Destination(Path(os.path.realpath(os.path.expanduser(output))), force)
+    _refuse_source_overlap(dest.path, Path(output), source)
+    _refuse_existing(dest)
+
+
 def refuse_existing(output: str | os.PathLike, force: bool) -> None:
     """The quick part of the rules (no checkpoint needed): an existing output and `force`."""
     _refuse_existing(Destination(Path(os.path.realpath(os.path.expanduser(output))), force))

@@ -13,6 +13,7 @@ import threading
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union
 
@@ -35,6 +36,51 @@ ROLE_PROBE = "phi3-onnx role probe 7f3a"
 log = logging.getLogger("phi3_onnx")
 
 
+@dataclass
+class Finish:
+    """Why a completion ended, filled in while it streams (pass one to `stream(..., finish=)`).
+
+    reason: "end_token" (`detail` names it, e.g. <|end|>), "stop_string" (`detail` is the string),
+    "max_new_tokens" or "max_length" (the KV cache is full; `detail` gives the limit).
+    """
+
+    reason: str | None = None
+    detail: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's two-way name: "length" when a limit cut the answer, else "stop"."""
+        return "length" if self.reason in ("max_new_tokens", "max_length") else "stop"
+
+    def set(self, reason: str, detail: str) -> None:
+        self.reason, self.detail = reason, detail
+
+
+class Detokenizer:
+    """genai's incremental decoder for one completion, minus the tokenizer's leading-space artifact.
+
+    A SentencePiece tokenizer (Phi-3's) marks the first word of every text segment with ▁ — at the
+    start and right after a special token such as <|assistant|> — where the text has no space, so a
+    model answers "<|assistant|>" with "▁Return". When the prompt ends with a special token, the
+    first piece's leading space is that marker and is dropped (as transformers' decode of the
+    completion drops it); any further space ("▁▁Return" -> " Return") and every space after plain
+    text (a --raw completion of "... and" -> " the") is the model's own and kept.
+    """
+
+    def __init__(self, stream: Any, drop_marker: bool) -> None:
+        self._stream = stream
+        self._drop = drop_marker
+
+    def decode(self, token: int) -> str:
+        piece = str(self._stream.decode(token))
+        if self._drop and piece:
+            self._drop = False
+            piece = piece[1:] if piece.startswith(" ") else piece
+        return piece
+
+
 class Phi3Model:
     """A phi3-onnx package loaded on one execution provider (see `phi3_onnx.runtime.load`)."""
 
@@ -51,6 +97,8 @@ class Phi3Model:
         self.stop_token_ids = frozenset(self._stop_ids())
         self._roles: dict[str, bool] = {}  # role -> whether the chat template renders it
         self._undecodable: dict[int, bool] = {}  # token id -> genai's tokenizer fails on it alone
+        self.special_tokens = _special_tokens(package.path)  # id -> text, from the package's tokenizer files
+        self._marks_segments = self.decode(self.encode("a")).startswith(" ")  # SentencePiece's ▁ word marker
 
     @property
     def provider(self) -> str:
@@ -98,9 +146,19 @@ class Phi3Model:
                 self._undecodable[token] = True
         return not self._undecodable[token]
 
-    def text_stream(self) -> Any:
-        """An incremental detokenizer: `.decode(token) -> str` gives the text each new token adds."""
-        return self._tokenizer.create_stream()
+    def text_stream(self, prompt_ids: Sequence[int] = ()) -> Detokenizer:
+        """An incremental detokenizer for the completion of `prompt_ids`: `.decode(token) -> str` gives the
+        text each new token adds (without the tokenizer's leading-space artifact, see Detokenizer)."""
+        return Detokenizer(self._tokenizer.create_stream(), self.marker_space(prompt_ids))
+
+    def marker_space(self, prompt_ids: Sequence[int]) -> bool:
+        """Whether a completion of `prompt_ids` starts with the tokenizer's word marker, not a space of its own."""
+        return self._marks_segments and bool(prompt_ids) and int(prompt_ids[-1]) in self.special_tokens
+
+    def completion_text(self, prompt_ids: Sequence[int], ids: Sequence[int]) -> str:
+        """The completion `ids` of `prompt_ids` decoded in one go (the same text as streaming it)."""
+        text = self.decode(ids)
+        return text[1:] if self.marker_space(prompt_ids) and text.startswith(" ") else text
 
     def apply_chat_template(self, messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
         """The package's own chat template (tokenizer_config.json / chat_template.jinja) over `messages`.
@@ -190,33 +248,44 @@ class Phi3Model:
             raise Phi3OnnxError(f"prompt is {n_prompt} tokens but the model was loaded with max_length={self.max_length}; "
                                 f"load with a larger max_length (up to {self.context_length})")
 
-    def token_ids(self, decoder: Decoder, prompt_ids: Sequence[int], options: GenerationOptions) -> Iterator[int]:
-        """New tokens after `prompt_ids` (reusing the decoder's cached prefix), stop tokens excluded."""
+    def token_ids(self, decoder: Decoder, prompt_ids: Sequence[int], options: GenerationOptions,
+                  finish: Finish | None = None) -> Iterator[int]:
+        """New tokens after `prompt_ids` (reusing the decoder's cached prefix), stop tokens excluded;
+        `finish` records why they ended."""
+        finish = finish if finish is not None else Finish()
+        finish.prompt_tokens = len(prompt_ids)
         self.check_room(len(prompt_ids))
         if decoder.forced is not None:  # a structured answer forced whole (runtime.structured)
             yield from decoder.forced[:options.max_new_tokens]
+            cut = len(decoder.forced) > options.max_new_tokens
+            finish.set(*(("max_new_tokens", f"max_new_tokens {options.max_new_tokens}") if cut
+                         else ("end_token", "end of the structured answer")))
             return
         decoder.extend_to(prompt_ids)
         for _ in range(options.max_new_tokens):
             if decoder.done():
+                finish.set("max_length", f"max_length {self.max_length}")
                 return
             token = decoder.next_token()
             if token in self.stop_token_ids:
+                finish.set("end_token", self.special_tokens.get(token, f"token {token}"))
                 return
             yield token
+        finish.set("max_new_tokens", f"max_new_tokens {options.max_new_tokens}")
 
-    def _pieces(self, tokens: Iterator[int], out: list[int]) -> Iterator[str]:
-        """Incrementally decoded text of `tokens` (recorded into `out`)."""
-        stream = self._tokenizer.create_stream()
+    def _pieces(self, tokens: Iterator[int], out: list[int], prompt_ids: Sequence[int]) -> Iterator[str]:
+        """Incrementally decoded text of `tokens` (recorded into `out`), the completion of `prompt_ids`."""
+        stream = self.text_stream(prompt_ids)
         for token in tokens:
             out.append(token)
             yield self.decode_piece(stream, token)
 
-    def stream_text(self, tokens: Iterator[int], options: GenerationOptions, out: list[int]) -> Iterator[str]:
+    def stream_text(self, tokens: Iterator[int], options: GenerationOptions, out: list[int],
+                    prompt_ids: Sequence[int] = (), finish: Finish | None = None) -> Iterator[str]:
         """Text pieces as they are decoded; stops at (and hides) the first stop string."""
         shown = ""
         text = ""
-        for piece in self._pieces(tokens, out):
+        for piece in self._pieces(tokens, out, prompt_ids):
             text += piece
             cut = find_stop(text, options.stop)
             visible = text[:cut] if cut >= 0 else text[:safe_prefix_len(text, options.stop)]
@@ -224,7 +293,12 @@ class Phi3Model:
                 yield visible[len(shown):]
                 shown = visible
             if cut >= 0:
+                if finish is not None:
+                    finish.set("stop_string", next(s for s in options.stop if text.find(s) == cut))
+                    finish.completion_tokens = len(out)
                 return
+        if finish is not None:
+            finish.completion_tokens = len(out)
         if len(text) > len(shown):
             yield text[len(shown):]
 
@@ -240,20 +314,25 @@ class Phi3Model:
         ids: list[int] = []
         prompt_ids = self.prompt_ids(prompt)
         tokens = self.token_ids(self.new_decoder(options, len(prompt_ids)), prompt_ids, options)
-        for _ in self.stream_text(tokens, options, ids):
+        for _ in self.stream_text(tokens, options, ids, prompt_ids):
             pass
-        text = self.decode(ids)
+        text = self.completion_text(prompt_ids, ids)
         cut = find_stop(text, options.stop)
         return text[:cut] if cut >= 0 else text
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
-               min_new_tokens: int = 0, json_schema: Mapping[str, Any] | bool | None = None) -> Iterator[str]:
-        """The completion as text pieces, yielded as tokens are generated (bad input raises here, not later)."""
+               min_new_tokens: int = 0, json_schema: Mapping[str, Any] | bool | None = None,
+               finish: Finish | None = None) -> Iterator[str]:
+        """The completion as text pieces, yielded as tokens are generated (bad input raises here, not later).
+
+        `finish` (a `Finish()`), when given, says at the end why generation stopped and how many tokens it took.
+        """
         options = self.options(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema)
         ids = self.prompt_ids(prompt)
         self.check_room(len(ids))
-        return self.stream_text(self.token_ids(self.new_decoder(options, len(ids)), ids, options), options, [])
+        tokens = self.token_ids(self.new_decoder(options, len(ids)), ids, options, finish)
+        return self.stream_text(tokens, options, [], ids, finish)
 
     def options(self, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                 seed: int | None = None, stop: str | Sequence[str] = (), min_new_tokens: int = 0,
@@ -313,7 +392,7 @@ class ChatSession:
         prompt = self.model.prompt_ids(messages)
         self.model.check_room(len(prompt))
         decoder = self._decoder_for(options)
-        pieces = self.model.stream_text(self.model.token_ids(decoder, prompt, options), options, [])
+        pieces = self.model.stream_text(self.model.token_ids(decoder, prompt, options), options, [], prompt)
 
         def record(reply: str) -> None:
             self.messages = [*messages, {"role": "assistant", "content": reply}]
@@ -401,6 +480,27 @@ class _Turn:
     def cancel(self, error: BaseException) -> None:
         self.done, self.error = True, error
         self.buffer.clear()
+
+
+def _special_tokens(folder: Path) -> dict[int, str]:
+    """The tokenizer's special tokens (id -> text) from tokenizer.json, else tokenizer_config.json."""
+    for name, read in (("tokenizer.json", _added_tokens), ("tokenizer_config.json", _added_tokens_decoder)):
+        try:
+            doc = json.loads((folder / name).read_text(encoding="utf-8"))
+            found = read(doc)
+        except (OSError, ValueError, TypeError, AttributeError, KeyError):
+            continue
+        if found:
+            return found
+    return {}
+
+
+def _added_tokens(doc: dict[str, Any]) -> dict[int, str]:
+    return {int(t["id"]): str(t["content"]) for t in doc.get("added_tokens", []) if t.get("special")}
+
+
+def _added_tokens_decoder(doc: dict[str, Any]) -> dict[int, str]:
+    return {int(i): str(t["content"]) for i, t in doc.get("added_tokens_decoder", {}).items() if t.get("special")}
 
 
 def _check_message(m: Message) -> dict[str, str]:

@@ -78,7 +78,7 @@ class Service:
 
         job: Cancellable = (self.engine.submit(ids, options, emit) if self.engine.accepts(options)
                             else _ThreadJob(self, ids, options, emit))
-        text = TextAssembler(self.model, options.stop)
+        text = TextAssembler(self.model, options.stop, ids)
         count = 0
         try:
             while True:
@@ -106,8 +106,8 @@ class Service:
 class TextAssembler:
     """Incremental detokenising that hides stop strings (and any tail that may begin one)."""
 
-    def __init__(self, model: Phi3Model, stops: tuple[str, ...]) -> None:
-        self._stream = model.text_stream()
+    def __init__(self, model: Phi3Model, stops: tuple[str, ...], prompt_ids: Sequence[int] = ()) -> None:
+        self._stream = model.text_stream(prompt_ids)
         self._stops = stops
         self._text = ""
         self._shown = 0
