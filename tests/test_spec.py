@@ -15,7 +15,8 @@ def _v5_form(cfg: dict) -> dict:
     """The transformers-5 spelling of a 4.x config: rope data moves into rope_parameters."""
     cfg = dict(cfg)
     rope = cfg.pop("rope_scaling", None) or {}
-    params = {"rope_theta": cfg.pop("rope_theta", 10000.0), "rope_type": "default", "partial_rotary_factor": 1.0}
+    params = {"rope_theta": cfg.pop("rope_theta", 10000.0), "rope_type": "default",
+              "partial_rotary_factor": cfg.pop("partial_rotary_factor", 1.0)}
     if rope:
         params |= {"rope_type": "longrope", "short_factor": rope["short_factor"], "long_factor": rope["long_factor"],
                    "original_max_position_embeddings": cfg.pop("original_max_position_embeddings")}
@@ -44,6 +45,9 @@ def test_presets_match_transformers_reading(name: str) -> None:
         hf.hidden_size, hf.num_hidden_layers, hf.num_attention_heads, hf.num_key_value_heads, hf.vocab_size)
     assert spec.max_position_embeddings == hf.max_position_embeddings
     assert spec.sliding_window == hf.sliding_window
+    assert spec.tie_word_embeddings == hf.tie_word_embeddings
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    assert spec.rotary_dim == int(head_dim * hf.rope_parameters.get("partial_rotary_factor", 1.0))
     kind = hf.rope_parameters["rope_type"]
     assert (spec.longrope is not None) == (kind == "longrope")
     if spec.longrope:
@@ -61,6 +65,12 @@ def test_known_preset_facts() -> None:
     long = preset("phi3-mini-128k")
     assert long.longrope and len(long.longrope.long_factor) == 48 and long.max_position_embeddings == 131072
     assert long.attention_window is None  # its 262144 window covers the whole context
+    p4m = preset("phi4-mini-instruct")  # partial rotary 0.75: 96 of 128 dims, 48 LongRoPE factors; tied
+    assert (p4m.head_dim, p4m.rotary_dim, len(p4m.longrope.long_factor), p4m.tie_word_embeddings) == (128, 96, 48, True)
+    assert 3.7e9 < p4m.num_params() < 3.9e9 and p4m.vocab_size == 200064
+    p4 = preset("phi4")
+    assert (p4.num_heads, p4.num_kv_heads, p4.rope_theta, p4.longrope) == (40, 10, 250000.0, None)
+    assert 14.5e9 < p4.num_params() < 14.8e9
 
 
 def test_su_is_longrope_and_eos_from_generation_config() -> None:

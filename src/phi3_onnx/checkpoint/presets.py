@@ -10,7 +10,8 @@ from phi3_onnx.checkpoint.config import spec_from_config
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.spec import ModelSpec
 
-PRESET_NAMES: tuple[str, ...] = ("phi3-mini-4k", "phi3-mini-128k", "phi3-medium-4k", "phi3-medium-128k", "phi3.5-mini")
+PRESET_NAMES: tuple[str, ...] = ("phi3-mini-4k", "phi3-mini-128k", "phi3-medium-4k", "phi3-medium-128k", "phi3.5-mini",
+                                 "phi4-mini-instruct", "phi4")
 
 
 def preset_config(name: str) -> dict[str, Any]:
