@@ -15,6 +15,7 @@ _UNSUPPORTED_HINTS = {
     "Phi3SmallForCausalLM": "Phi-3-small (blocksparse attention) is not supported yet",
     "Phi3VForCausalLM": "Phi-3-vision is not supported yet",
     "PhiMoEForCausalLM": "Phi-3.5-MoE is not supported yet",
+    "PhimoeForCausalLM": "Phi-3.5-MoE is not supported yet",
 }
 
 
