@@ -26,6 +26,7 @@ ALLOWED = {
     "serve": {"runtime"},
     "cli": {"checkpoint", "graph", "quantize", "package", "runtime", "evaluate", "serve", "__init__"},
     "__init__": {"package"},
+    "__main__": {"cli"},
 }
 
 

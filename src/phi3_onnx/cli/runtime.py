@@ -6,6 +6,7 @@ Argument parsing only; everything else is `phi3_onnx.runtime`.
 from __future__ import annotations
 
 import sys
+from enum import Enum
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -29,11 +30,22 @@ Stop = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this file (- for stdout)")]
 
 
-def _load(pkg: Path, device: str, verify: bool, max_length: Optional[int], variant: Optional[str]):
+class SpeculativeChoice(str, Enum):
+    off = "off"
+    ngram = "ngram"
+
+
+Speculative = Annotated[SpeculativeChoice, typer.Option(help=(
+    "ngram: n-gram speculative decoding (drafts looked up in the text so far, verified in one step; "
+    "greedy output unchanged). Draft statistics go to stderr"))]
+
+
+def _load(pkg: Path, device: str, verify: bool, max_length: Optional[int], variant: Optional[str],
+          speculative: SpeculativeChoice = SpeculativeChoice.off):
     from phi3_onnx.runtime import load
 
     warnings_to_stderr()
-    return load(pkg, device=device, verify=verify, max_length=max_length, variant=variant)
+    return load(pkg, device=device, verify=verify, max_length=max_length, variant=variant, speculative=speculative.value)
 
 
 @app.command(epilog=example(
@@ -47,6 +59,7 @@ def generate(
     max_new_tokens: MaxNew = 256, temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     seed: Seed = None, stop: Stop = None, device: Device = "auto", max_length: MaxLength = None,
     variant: Variant = None, verify: Verify = False, json_out: JsonOut = None,
+    speculative: Speculative = SpeculativeChoice.off,
 ) -> None:
     """Generate from one prompt (as a user chat turn unless --raw), streaming the text to stdout and why it
     stopped to stderr (`stopped: <|end|>`, `stopped: length (max_new_tokens 256)`, ...)."""
@@ -54,7 +67,7 @@ def generate(
     from phi3_onnx.runtime.options import GenerationOptions
 
     options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop)
-    model = _load(pkg, device, verify, max_length, variant)
+    model = _load(pkg, device, verify, max_length, variant, speculative)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     finish, t0 = Finish(), time.perf_counter()
     pieces = model.stream(prompt if raw else messages, options.max_new_tokens, options.temperature,
@@ -69,6 +82,8 @@ def generate(
     if to_stdout:
         sys.stdout.write("\n")
     print(f"stopped: {_stop_line(finish)}", file=sys.stderr)
+    if finish.speculative is not None:
+        print(f"speculative: {_speculative_line(finish.speculative)}", file=sys.stderr)
     if json_out is not None:
         write_json(_generation_doc(model, text, finish, seconds), json_out)
 
@@ -88,12 +103,21 @@ def _stop_line(finish: Any) -> str:
     return finish.detail or "end"
 
 
+def _speculative_line(stats: dict[str, Any]) -> str:
+    """`ngram, 120 draft tokens proposed, 81 accepted (67.5 %), 1.9 tokens per verify step`."""
+    proposed, accepted = int(stats.get("draft_tokens_proposed", 0)), int(stats.get("draft_tokens_accepted", 0))
+    rate = f" ({100 * accepted / proposed:.1f} %)" if proposed else ""
+    per_round = float(stats.get("mean_emitted_tokens_per_round", 0.0))
+    return f"ngram, {proposed} draft tokens proposed, {accepted} accepted{rate}, {per_round:.2f} tokens per verify step"
+
+
 def _generation_doc(model: Any, text: str, finish: Any, seconds: float) -> dict[str, Any]:
     return {
         "text": text, "finish_reason": finish.finish_reason, "stopped_by": finish.reason, "stop_detail": finish.detail,
         "prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
         "seconds": round(seconds, 4), "tokens_per_second": round(finish.completion_tokens / seconds, 2) if seconds > 0 else None,
         "package": str(model.path), "target": model.manifest.target.name, "provider": model.provider,
+        "speculative": finish.speculative,
     }
 
 
@@ -108,14 +132,14 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="System message")] = None,
     max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     seed: Seed = None, device: Device = "auto", max_length: MaxLength = None,
-    variant: Variant = None, verify: Verify = False,
+    variant: Variant = None, verify: Verify = False, speculative: Speculative = SpeculativeChoice.off,
 ) -> None:
     """Interactive multi-turn chat, streaming replies to stdout; /help lists the commands (/reset, /exit).
     The banner and command replies go to stderr, so piped output holds only the model's replies."""
     from phi3_onnx.runtime.options import GenerationOptions
 
     options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, None)
-    model = _load(pkg, device, verify, max_length, variant)
+    model = _load(pkg, device, verify, max_length, variant, speculative)
     options.check_vocab(model.manifest.model.vocab_size)  # bad options end the command, not each turn
     session = model.chat(system)
     interactive = sys.stdin.isatty()

@@ -55,18 +55,20 @@ def plan_load(path: str | Path, device: str = "auto", verify: bool = False, vari
 
 
 def load(path: str | Path, device: str = "auto", verify: bool = False, max_length: int | None = None,
-         variant: str | None = None, max_batch: int | None = None) -> Phi3Model:
+         variant: str | None = None, max_batch: int | None = None, speculative: str | None = None) -> Phi3Model:
     """Load a package (or the best variant of a bundle) on device "auto" | "cpu" | "cuda" | "dml".
 
     Checks file sizes (and sha256s with verify=True) and the runtime versions the package needs.
     max_length sizes the KV cache (default: the package's, at most 4096); raise it for long prompts.
+    speculative="ngram" turns on n-gram speculative decoding for every call (greedy output unchanged;
+    a call's own speculative= overrides it).
     max_batch sizes genai's batching Engine (`runtime.batch.BatchEngine`; default: genai's own).
     """
     plan = plan_load(path, device, verify, variant)
     check_requires(plan.package.manifest.requires, installed_versions())
     if plan.choice.warning:
         log.warning(plan.choice.warning)
-    return Phi3Model(plan.package, plan.choice, max_length, plan.variant, max_batch)
+    return Phi3Model(plan.package, plan.choice, max_length, plan.variant, max_batch, speculative)
 
 
 __all__ = ["ChatSession", "Choice", "Environment", "GenerationOptions", "Phi3Model", "Plan", "choose_provider",

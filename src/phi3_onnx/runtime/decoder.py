@@ -105,6 +105,13 @@ class Decoder:
         self._pending = not self._gen.is_done()
         return int(self._gen.get_next_tokens()[0])
 
+    def speculative_stats(self) -> dict[str, Any]:
+        """genai's speculative-decoding counters for this Generator (drafts proposed/accepted, ...)."""
+        try:
+            return dict(self._gen.get_speculative_stats())
+        except (AttributeError, RuntimeError):
+            return {}
+
     def done(self) -> bool:
         return bool(self._gen.is_done()) or len(self) >= self.max_length
 

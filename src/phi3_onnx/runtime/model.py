@@ -7,6 +7,7 @@ thread-safe. A `ChatSession` keeps one Generator across turns, so it serialises 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -21,6 +22,7 @@ from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import Manifest
 from phi3_onnx.runtime.decoder import Decoder
 from phi3_onnx.runtime.deps import import_genai
+from phi3_onnx.runtime.options import speculative_method
 from phi3_onnx.runtime.options import GenerationOptions, find_stop, safe_prefix_len, whole
 from phi3_onnx.runtime.package import Package
 from phi3_onnx.runtime.providers import Choice
@@ -48,6 +50,7 @@ class Finish:
     detail: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    speculative: dict[str, Any] | None = None  # genai's draft statistics when speculative decoding ran
 
     @property
     def finish_reason(self) -> str:
@@ -85,13 +88,14 @@ class Phi3Model:
     """A phi3-onnx package loaded on one execution provider (see `phi3_onnx.runtime.load`)."""
 
     def __init__(self, package: Package, choice: Choice, max_length: int | None = None, variant: str | None = None,
-                 max_batch: int | None = None) -> None:
+                 max_batch: int | None = None, speculative: str | None = None) -> None:
         self.path: Path = package.path
         self.manifest: Manifest = package.manifest
         self.choice = choice
         self.variant = variant
         self.max_length = _check_max_length(package.manifest, max_length)
         self.max_batch = _check_max_batch(max_batch)
+        self.speculative = speculative_method(speculative)  # the default for generate/stream/chat
         self._og = _load_og_model(package.path, choice.provider, self.max_length, self.max_batch)
         self._tokenizer = import_genai().Tokenizer(self._og)
         self.stop_token_ids = frozenset(self._stop_ids())
@@ -218,6 +222,8 @@ class Phi3Model:
         def params() -> Any:
             p = og.GeneratorParams(self._og)
             p.set_search_options(**search)
+            if options.speculative is not None:
+                p.set_speculative_options(**options.speculative.genai_options())
             if plan is not None:
                 p.set_guidance("lark_grammar", plan.lark)
             return p
@@ -251,8 +257,16 @@ class Phi3Model:
     def token_ids(self, decoder: Decoder, prompt_ids: Sequence[int], options: GenerationOptions,
                   finish: Finish | None = None) -> Iterator[int]:
         """New tokens after `prompt_ids` (reusing the decoder's cached prefix), stop tokens excluded;
-        `finish` records why they ended."""
+        `finish` records why they ended (and the speculative-decoding statistics, when it ran)."""
         finish = finish if finish is not None else Finish()
+        try:
+            yield from self._token_ids(decoder, prompt_ids, options, finish)
+        finally:
+            if options.speculative is not None:
+                finish.speculative = decoder.speculative_stats()
+
+    def _token_ids(self, decoder: Decoder, prompt_ids: Sequence[int], options: GenerationOptions,
+                   finish: Finish) -> Iterator[int]:
         finish.prompt_tokens = len(prompt_ids)
         self.check_room(len(prompt_ids))
         if decoder.forced is not None:  # a structured answer forced whole (runtime.structured)
@@ -304,13 +318,16 @@ class Phi3Model:
 
     def generate(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (), min_new_tokens: int = 0,
-                 json_schema: Mapping[str, Any] | bool | None = None) -> str:
+                 json_schema: Mapping[str, Any] | bool | None = None, speculative: str | None = None) -> str:
         """The completion as one string (decoded in one go from its token ids).
 
         json_schema: the answer is JSON matching this schema ({"type": "object"} for any object),
         complete within max_new_tokens whenever its shortest valid form fits (runtime.structured).
+        speculative: "ngram" (n-gram speculative decoding; greedy output unchanged), "off", or None
+        for the model's default (`load(..., speculative=)`).
         """
-        options = self.options(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema)
+        options = self.options(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema,
+                               speculative)
         ids: list[int] = []
         prompt_ids = self.prompt_ids(prompt)
         tokens = self.token_ids(self.new_decoder(options, len(prompt_ids)), prompt_ids, options)
@@ -323,12 +340,14 @@ class Phi3Model:
     def stream(self, prompt: Prompt, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
                min_new_tokens: int = 0, json_schema: Mapping[str, Any] | bool | None = None,
-               finish: Finish | None = None) -> Iterator[str]:
+               finish: Finish | None = None, speculative: str | None = None) -> Iterator[str]:
         """The completion as text pieces, yielded as tokens are generated (bad input raises here, not later).
 
-        `finish` (a `Finish()`), when given, says at the end why generation stopped and how many tokens it took.
+        `finish` (a `Finish()`), when given, says at the end why generation stopped and how many tokens it took
+        (and, with speculative decoding, genai's draft statistics in `finish.speculative`).
         """
-        options = self.options(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema)
+        options = self.options(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema,
+                               speculative)
         ids = self.prompt_ids(prompt)
         self.check_room(len(ids))
         tokens = self.token_ids(self.new_decoder(options, len(ids)), ids, options, finish)
@@ -336,9 +355,11 @@ class Phi3Model:
 
     def options(self, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                 seed: int | None = None, stop: str | Sequence[str] = (), min_new_tokens: int = 0,
-                json_schema: Mapping[str, Any] | bool | None = None) -> GenerationOptions:
-        """Generation settings checked against this model (top_k <= its vocabulary)."""
+                json_schema: Mapping[str, Any] | bool | None = None, speculative: str | None = None) -> GenerationOptions:
+        """Generation settings checked against this model (top_k <= its vocabulary); speculative None: the model's default."""
         options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop, min_new_tokens, json_schema)
+        method = self.speculative if speculative is None else speculative_method(speculative)
+        options = dataclasses.replace(options, speculative=method)
         return options.check_vocab(self.manifest.model.vocab_size)
 
     def chat(self, system: str | None = None) -> ChatSession:
@@ -367,16 +388,17 @@ class ChatSession:
         self.reused_tokens = 0  # prompt tokens served from the cache in the last turn
 
     def send(self, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> str:
-        return "".join(self.stream(text, max_new_tokens, temperature, top_p, top_k, seed, stop))
+             top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (), speculative: str | None = None) -> str:
+        return "".join(self.stream(text, max_new_tokens, temperature, top_p, top_k, seed, stop, speculative))
 
     def stream(self, text: str, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = ()) -> Iterator[str]:
+               top_k: int = 0, seed: int | None = None, stop: str | Sequence[str] = (),
+               speculative: str | None = None) -> Iterator[str]:
         """One turn: the user's `text` in, the assistant's reply out as pieces; history updated at the end.
 
         Bad input raises here; the previous turn is settled first (see the class docstring).
         """
-        options = self.model.options(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        options = self.model.options(max_new_tokens, temperature, top_p, top_k, seed, stop, speculative=speculative)
         if not isinstance(text, str):
             raise Phi3OnnxError(f"a chat turn is a string, got {text!r:.80}")
         with self._lock:

@@ -15,6 +15,30 @@ MAX_SEED = 2**31 - 1  # genai's random_seed is a C int
 
 
 @dataclass(frozen=True)
+class Speculative:
+    """n-gram speculative decoding (onnxruntime-genai's `set_speculative_options`): draft tokens are
+    looked up in the sequence so far and verified in one step; greedy output is unchanged."""
+
+    ngram_size: int = 3
+    max_draft_tokens: int = 4
+
+    def genai_options(self) -> dict[str, int]:
+        return {"ngram_size": self.ngram_size, "max_draft_tokens": self.max_draft_tokens}
+
+
+SPECULATIVE: dict[str, Speculative | None] = {"off": None, "ngram": Speculative()}
+
+
+def speculative_method(name: str | None) -> Speculative | None:
+    """`speculative=` as given to load/generate/stream/chat: "ngram", "off" or None (off)."""
+    if name is None:
+        return None
+    if name not in SPECULATIVE:
+        raise Phi3OnnxError(f"speculative must be one of {', '.join(SPECULATIVE)}, got {name!r:.40}")
+    return SPECULATIVE[name]
+
+
+@dataclass(frozen=True)
 class GenerationOptions:
     """temperature 0 is greedy; top_k 0 means no top-k cut; stop strings end generation (not included);
     min_new_tokens suppresses the end tokens until that many were generated (like transformers');
@@ -28,6 +52,7 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     min_new_tokens: int = 0
     json_schema: str | None = None
+    speculative: Speculative | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -64,9 +89,9 @@ class GenerationOptions:
         return self
 
     @property
-    def sampling(self) -> tuple[float, float, int, int | None]:
+    def sampling(self) -> tuple[float, float, int, int | None, Speculative | None]:
         """What a genai Generator fixes at creation (a chat session keeps it while this is unchanged)."""
-        return (self.temperature, self.top_p, self.top_k, self.seed)
+        return (self.temperature, self.top_p, self.top_k, self.seed, self.speculative)
 
     @property
     def greedy(self) -> bool:
