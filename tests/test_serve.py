@@ -13,7 +13,6 @@ import jsonschema
 import openai
 import pytest
 
-from phi3_onnx.cli import main
 from phi3_onnx.runtime import load
 from serve_helpers import start_server, stop_server
 
@@ -197,7 +196,16 @@ def test_sigterm_drains_in_flight_and_exits_0(pkg):
     assert result["r"][1] in ("stop", "length")
 
 
-def test_speculative_ngram_refused_in_one_line(pkg, capsys):
-    assert main(["serve", str(pkg), "--speculative", "ngram", "--port", "0"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --speculative ngram") and "\n" not in err
+def test_speculative_ngram_server_gives_the_same_greedy_answers(pkg, client):
+    """`serve --speculative ngram`: every request drafts on its own Generator; greedy answers equal the
+    batched server's, streamed or not, also four at once."""
+    proc, url = start_server(pkg, "--speculative", "ngram", "--max-batch", "4")
+    try:
+        spec = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        prompts = [f"Repeat this: {q} {q}" for q in QUESTIONS[:4]]
+        expected = [ask(client, q, max_tokens=48).choices[0].message.content for q in prompts]
+        assert [ask(spec, q, max_tokens=48).choices[0].message.content for q in prompts] == expected
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(lambda q: streamed(spec, q, max_tokens=48)[0], prompts)) == expected
+    finally:
+        assert stop_server(proc) == 0

@@ -29,7 +29,9 @@ def serve(
     max_length: Annotated[Optional[int], typer.Option(help="KV cache size per request (default: the package's max_length)")] = None,
     max_batch: Annotated[int, typer.Option(help="Requests decoded together in one batch (genai Engine slots)")] = 8,
     max_body_bytes: Annotated[int, typer.Option(help="Largest request body accepted")] = 1 << 20,
-    speculative: Annotated[Optional[Speculative], typer.Option(help="Speculative decoding (ngram drafts)")] = None,
+    speculative: Annotated[Optional[Speculative], typer.Option(help=(
+        "ngram: n-gram speculative decoding on every request (each on its own genai Generator, at most "
+        "--max-batch at once, instead of the batching engine, which verifies no drafts); greedy answers unchanged"))] = None,
 ) -> None:
     """Serve a package over an OpenAI-compatible HTTP API (needs the [serve] extra)."""
     try:
@@ -38,24 +40,13 @@ def serve(
     except ImportError as exc:
         raise Phi3OnnxError(f"serve needs the [serve] extra: pip install -e \".[cpu,serve]\" ({exc.name} is missing)") from None
     from phi3_onnx.runtime import load
-    from phi3_onnx.runtime.batch import BatchEngine
 
     options = ServeOptions(host=host, port=port, api_key=api_key, max_body_bytes=max_body_bytes)
     warnings_to_stderr()
-    model = load(pkg, device=device, max_length=max_length, variant=variant, max_batch=max_batch)
-    if speculative is not None:
-        probe = BatchEngine(model).start()
-        probe.close()
-        _check_speculative(probe)
+    spec = speculative.value if speculative is not None else None
+    model = load(pkg, device=device, max_length=max_length, variant=variant, max_batch=max_batch, speculative=spec)
     if warning := options.exposure_warning():
         print(f"warning: {warning}", file=sys.stderr)
     print(f"serving {model.path.name} ({model.manifest.target.name} on {model.provider}, batch {max_batch}) "
           f"on http://{host}:{port}/v1", file=sys.stderr, flush=True)
     run_server(model, options)
-
-
-def _check_speculative(engine) -> None:
-    """genai's Engine takes draft tokens only where the package's engine supports them."""
-    if engine.draft_tokens == 0:
-        raise Phi3OnnxError("--speculative ngram: this package's genai Engine accepts no draft tokens "
-                            "(static batching); serve without --speculative")

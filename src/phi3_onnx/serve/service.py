@@ -4,6 +4,7 @@ Generator of their own) turned into text pieces, with stop strings, usage and fi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ class Cancellable(Protocol):
 
 
 class _ThreadJob:
-    """Seeded sampling on its own genai Generator (the static Engine cannot seed a turn)."""
+    """A request on its own genai Generator: seeded sampling (the static Engine cannot seed a turn) and,
+    with `serve --speculative ngram`, every request (the Engine verifies no drafts)."""
 
     def __init__(self, service: Service, ids: Sequence[int], options: GenerationOptions, emit: Any) -> None:
         self._stop = threading.Event()
@@ -59,7 +61,9 @@ class Service:
     def __init__(self, model: Phi3Model, engine: BatchEngine, seeded_slots: int = 2) -> None:
         self.model = model
         self.engine = engine
-        self.seeded_slots = threading.BoundedSemaphore(seeded_slots)
+        # speculative serving runs every request on a Generator: as many at once as the engine would batch
+        slots = max(seeded_slots, model.max_batch or 0) if model.speculative is not None else seeded_slots
+        self.seeded_slots = threading.BoundedSemaphore(slots)
 
     @property
     def model_id(self) -> str:
@@ -76,8 +80,10 @@ class Service:
         def emit(event: Event) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        job: Cancellable = (self.engine.submit(ids, options, emit) if self.engine.accepts(options)
-                            else _ThreadJob(self, ids, options, emit))
+        if self.model.speculative is not None:  # `serve --speculative ngram`: drafts on every request
+            options = dataclasses.replace(options, speculative=self.model.speculative)
+        batched = self.engine.accepts(options) and options.speculative is None
+        job: Cancellable = self.engine.submit(ids, options, emit) if batched else _ThreadJob(self, ids, options, emit)
         text = TextAssembler(self.model, options.stop, ids)
         count = 0
         try:
