@@ -14,7 +14,7 @@ import sys
 from phi3_onnx.cli.app import app
 from phi3_onnx.errors import Phi3OnnxError
 
-VERB_MODULES = ("export", "runtime", "eval")
+VERB_MODULES = ("export", "runtime", "eval", "bench")
 for _name in VERB_MODULES:
     importlib.import_module(f"phi3_onnx.cli.{_name}")
 

@@ -24,6 +24,8 @@ Temperature = Annotated[float, typer.Option(help="0 = greedy")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling threshold in (0, 1]")]
 TopK = Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = no limit)")]
 Seed = Annotated[Optional[int], typer.Option(help="Sampling seed")]
+Threads = Annotated[Optional[int], typer.Option(
+    help="CPU threads for the model's session (0 = all physical cores; default: the package's setting, else all physical cores on CPU)")]
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); <|end|> and <|endoftext|> always stop")]
 
 
@@ -41,11 +43,12 @@ class _StderrHandler(logging.Handler):
         print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr)
 
 
-def _load(pkg: Path, device: str, verify: bool, max_length: Optional[int], variant: Optional[str]):
+def _load(pkg: Path, device: str, verify: bool, max_length: Optional[int], variant: Optional[str],
+          threads: Optional[int] = None):
     from phi3_onnx.runtime import load
 
     _warnings_to_stderr()
-    return load(pkg, device=device, verify=verify, max_length=max_length, variant=variant)
+    return load(pkg, device=device, verify=verify, max_length=max_length, variant=variant, threads=threads)
 
 
 @app.command()
@@ -56,13 +59,13 @@ def generate(
     system: Annotated[Optional[str], typer.Option(help="System message (chat template only)")] = None,
     max_new_tokens: MaxNew = 256, temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     seed: Seed = None, stop: Stop = None, device: Device = "auto", max_length: MaxLength = None,
-    variant: Variant = None, verify: Verify = False,
+    variant: Variant = None, verify: Verify = False, threads: Threads = None,
 ) -> None:
     """Generate from one prompt (as a user chat turn unless --raw), streaming to stdout."""
     from phi3_onnx.runtime.options import GenerationOptions
 
     options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop)
-    model = _load(pkg, device, verify, max_length, variant)
+    model = _load(pkg, device, verify, max_length, variant, threads)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     pieces = model.stream(prompt if raw else messages, options.max_new_tokens, options.temperature,
                           options.top_p, options.top_k, options.seed, options.stop)
@@ -78,13 +81,13 @@ def chat(
     system: Annotated[Optional[str], typer.Option(help="System message")] = None,
     max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     seed: Seed = None, device: Device = "auto", max_length: MaxLength = None,
-    variant: Variant = None, verify: Verify = False,
+    variant: Variant = None, verify: Verify = False, threads: Threads = None,
 ) -> None:
     """Interactive multi-turn chat, streaming replies; /exit or end of input (Ctrl-D) quits, /reset forgets."""
     from phi3_onnx.runtime.options import GenerationOptions
 
     options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, None)
-    model = _load(pkg, device, verify, max_length, variant)
+    model = _load(pkg, device, verify, max_length, variant, threads)
     session = model.chat(system)
     interactive = sys.stdin.isatty()
     if interactive:

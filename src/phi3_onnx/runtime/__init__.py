@@ -20,6 +20,7 @@ from phi3_onnx.runtime.model import ChatSession, Phi3Model
 from phi3_onnx.runtime.options import GenerationOptions
 from phi3_onnx.runtime.package import Package, Variant, choose_variant, is_bundle, open_package, read_bundle
 from phi3_onnx.runtime.providers import Choice, Environment, choose_provider, probe_environment
+from phi3_onnx.runtime.threads import check_threads
 
 log = logging.getLogger("phi3_onnx")
 
@@ -54,17 +55,20 @@ def plan_load(path: str | Path, device: str = "auto", verify: bool = False, vari
 
 
 def load(path: str | Path, device: str = "auto", verify: bool = False, max_length: int | None = None,
-         variant: str | None = None) -> Phi3Model:
+         variant: str | None = None, threads: int | None = None) -> Phi3Model:
     """Load a package (or the best variant of a bundle) on device "auto" | "cpu" | "cuda" | "dml".
 
     Checks file sizes (and sha256s with verify=True) and the runtime versions the package needs.
     max_length sizes the KV cache (default: the package's, at most 4096); raise it for long prompts.
+    threads: the CPU threads of the model's ONNX Runtime session (0 = all physical cores); default:
+    the package's setting, else all physical cores on the CPU EP (see phi3_onnx.runtime.threads).
     """
+    check_threads(threads)
     plan = plan_load(path, device, verify, variant)
     check_requires(plan.package.manifest.requires, installed_versions())
     if plan.choice.warning:
         log.warning(plan.choice.warning)
-    return Phi3Model(plan.package, plan.choice, max_length, plan.variant)
+    return Phi3Model(plan.package, plan.choice, max_length, plan.variant, threads)
 
 
 __all__ = ["ChatSession", "Choice", "Environment", "GenerationOptions", "Phi3Model", "Plan", "choose_provider",

@@ -20,6 +20,7 @@ from phi3_onnx.runtime.deps import import_genai
 from phi3_onnx.runtime.options import GenerationOptions, find_stop, safe_prefix_len
 from phi3_onnx.runtime.package import Package
 from phi3_onnx.runtime.providers import Choice
+from phi3_onnx.runtime.threads import resolve_threads, session_overlay
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -31,13 +32,16 @@ STOP_TOKENS = ("<|end|>", "<|endoftext|>")
 class Phi3Model:
     """A phi3-onnx package loaded on one execution provider (see `phi3_onnx.runtime.load`)."""
 
-    def __init__(self, package: Package, choice: Choice, max_length: int | None = None, variant: str | None = None) -> None:
+    def __init__(self, package: Package, choice: Choice, max_length: int | None = None, variant: str | None = None,
+                 threads: int | None = None) -> None:
         self.path: Path = package.path
         self.manifest: Manifest = package.manifest
         self.choice = choice
         self.variant = variant
         self.max_length = _check_max_length(package.manifest, max_length)
-        self._og = _load_og_model(package.path, choice.provider, self.max_length)
+        # the decoder session's intra_op_num_threads (0 = all physical cores; None = genai's default)
+        self.threads = resolve_threads(package.path, choice.provider, threads)
+        self._og = _load_og_model(package.path, choice.provider, self.max_length, self.threads)
         self._tokenizer = import_genai().Tokenizer(self._og)
         self.stop_token_ids = frozenset(self._stop_ids())
 
@@ -238,11 +242,13 @@ def _check_max_length(manifest: Manifest, max_length: int | None) -> int:
     return length
 
 
-def _load_og_model(path: Path, provider: str, max_length: int) -> Any:
-    """og.Model with the chosen EP and max_length set through og.Config: genai_config.json stays untouched."""
+def _load_og_model(path: Path, provider: str, max_length: int, threads: int | None = None) -> Any:
+    """og.Model with the chosen EP, threads and max_length set through og.Config: genai_config.json stays untouched."""
     og = import_genai()
     try:
         config = og.Config(str(path))
+        if threads is not None:  # before the providers, so the overlay cannot touch their options
+            config.overlay(json.dumps(session_overlay(threads)))
         config.clear_providers()
         if provider != "cpu":
             config.append_provider(provider)
