@@ -85,12 +85,14 @@ def _with_context(spec: ModelSpec, tokens: int | None) -> ModelSpec:
 
 
 def _check_block_size(spec: ModelSpec, target: Target) -> None:
-    if target.quant is None:
+    """RTN pads K when the block size does not divide a layer width (MatMulNBits takes any K); AWQ's search does not yet."""
+    if target.quant is None or target.quant.method != "awq":
         return
     bs = target.quant.block_size
     for k in (spec.hidden_size, spec.intermediate_size):
         if k % bs:
-            raise Phi3OnnxError(f"block size {bs} does not divide the layer width {k}")
+            raise Phi3OnnxError(f"block size {bs} does not divide the layer width {k}: AWQ needs it to "
+                                f"(RTN targets pad K); pick a block size that divides {k}")
 
 
 def plan_export(model: str, target: str | Target, output: str | os.PathLike,
