@@ -84,24 +84,12 @@ def _with_context(spec: ModelSpec, tokens: int | None) -> ModelSpec:
         raise Phi3OnnxError(f"--context-length: {exc}") from None
 
 
-def _check_block_size(spec: ModelSpec, target: Target) -> None:
-    """RTN pads K when the block size does not divide a layer width (MatMulNBits takes any K); AWQ's search does not yet."""
-    if target.quant is None or target.quant.method != "awq":
-        return
-    bs = target.quant.block_size
-    for k in (spec.hidden_size, spec.intermediate_size):
-        if k % bs:
-            raise Phi3OnnxError(f"block size {bs} does not divide the layer width {k}: AWQ needs it to "
-                                f"(RTN targets pad K); pick a block size that divides {k}")
-
-
 def plan_export(model: str, target: str | Target, output: str | os.PathLike,
                 options: ExportOptions = ExportOptions()) -> tuple[ExportPlan, SafetensorsCheckpoint]:
     """Validate every input before anything is written."""
     tgt = resolve_target(target, options)
     source = resolve_model(model)
     spec = _with_context(spec_from_folder(source), options.context_length)
-    _check_block_size(spec, tgt)
     ckpt = SafetensorsCheckpoint(source)
     check_tensors(ckpt, spec)
     length = options.max_length or default_max_length(spec)
