@@ -9,7 +9,7 @@ checkpoint — same thread count for all, one alternated run (A B C ... A B C ..
     --builder DIR       add a model builder package made elsewhere (its export needs ~22 GiB RAM)
     --no-llama          ONNX Runtime only
     --thread-study      instead: ours block 32 with intra_op_num_threads 1 (= genai's default without
-                        the key) / 0 (as exported: all cores) / --threads
+                        the key) / 0 (as exported: all cores) / --threads / --threads without spinning
 
 Every measurement is a fresh process: load, an untimed 4-token warm-up, then one timed run: random
 prompt ids, greedy, every new token generated (min_length = max_length for genai; llama.cpp runs its
@@ -42,8 +42,11 @@ import json, resource, sys, time, numpy as np, onnxruntime_genai as og
 path, P, N, threads, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
 t0 = time.perf_counter()
 cfg = og.Config(path)
-if threads != "none":
-    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": int(threads)}}}}))
+if threads != "none":  # "N" or "N-nospin" (ORT's intra-op threads sleep instead of spinning between ops)
+    opts = {"intra_op_num_threads": int(threads.split("-")[0])}
+    if threads.endswith("-nospin"):
+        opts["session.intra_op.allow_spinning"] = "0"
+    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
 model = og.Model(cfg)
 load_s = time.perf_counter() - t0
 VOCAB = json.load(open(path + "/genai_config.json"))["model"]["vocab_size"]
@@ -138,6 +141,7 @@ def make_gguf(ckpt: Path, work: Path, kind: str, threads: int) -> Path:
 
 
 def measure(v: Variant, prompt: int, new: int, seed: int) -> dict:
+    load_average = round(os.getloadavg()[0], 2)
     script = GENAI if v.kind == "genai" else LLAMA
     with tempfile.TemporaryFile("w+") as err:
         out = subprocess.run([sys.executable, "-c", script, str(v.path), str(prompt), str(new), v.threads, str(seed)],
@@ -148,19 +152,26 @@ def measure(v: Variant, prompt: int, new: int, seed: int) -> dict:
     line = next(l for l in out.stdout.splitlines() if l.startswith("@result "))
     r = json.loads(line[len("@result "):])
     r.update(decode_tokens_per_s=(new - 1) / r["decode_s"], prefill_tokens_per_s=prompt / r["prefill_s"],
-             time_to_first_token_ms=1000 * r["ttft_s"])
+             time_to_first_token_ms=1000 * r["ttft_s"], load_average=load_average)
     return r
 
 
 def summarise(variants: list[Variant], base: str) -> list[dict]:
+    """Medians over rounds, the ratio of medians to the baseline, and the median of per-round ratios
+    (each round's variants ran back to back, so a load spike that spans a round cancels in its ratio)."""
     rows = []
     med = {v.name: statistics.median(r["decode_tokens_per_s"] for r in v.runs) for v in variants}
+    base_runs = next(v.runs for v in variants if v.name == base)
     for v in variants:
+        per_round = [r["decode_tokens_per_s"] / b["decode_tokens_per_s"] for r, b in zip(v.runs, base_runs)]
         row = {"variant": v.name, "kind": v.kind, "threads": v.threads, "model_bytes": v.model_bytes,
-               "rounds": len(v.runs), "decode_tokens_per_s_runs": [round(r["decode_tokens_per_s"], 3) for r in v.runs]}
+               "rounds": len(v.runs), "decode_tokens_per_s_runs": [round(r["decode_tokens_per_s"], 3) for r in v.runs],
+               "load_average_runs": [r["load_average"] for r in v.runs]}
         for key in ("decode_tokens_per_s", "prefill_tokens_per_s", "time_to_first_token_ms", "load_s", "peak_rss_bytes"):
             row[key] = statistics.median(r[key] for r in v.runs)
         row[f"decode_ratio_vs_{base}"] = med[v.name] / med[base]
+        row["decode_ratio_per_round"] = [round(x, 3) for x in per_round]
+        row["decode_ratio_per_round_median"] = statistics.median(per_round)
         rows.append(row)
     return rows
 
@@ -173,12 +184,17 @@ def markdown(doc: dict) -> str:
              f"{doc['machine']['load_average_at_start']}; prompt {s['prompt_tokens']} random ids, {s['new_tokens']} new "
              f"tokens, {s['rounds']} alternated rounds (fresh process each); threads {s['threads']}; versions "
              + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
-             f"| variant | threads | decode tok/s (median) | × {base} | per round | prefill tok/s | TTFT ms | peak RSS GiB | model GB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| variant | threads | decode tok/s (median) | × {base} (ratio of medians) | × per round (median) | decode tok/s per round | "
+             "prefill tok/s | TTFT ms | peak RSS GiB | model GB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in doc["rows"]:
         lines.append(f"| {r['variant']} | {r['threads']} | {r['decode_tokens_per_s']:.2f} | {r[f'decode_ratio_vs_{base}']:.2f} | "
-                     f"{', '.join(f'{x:.2f}' for x in r['decode_tokens_per_s_runs'])} | {r['prefill_tokens_per_s']:.1f} | "
-                     f"{r['time_to_first_token_ms']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['model_bytes'] / 1e9:.2f} |")
+                     f"{r['decode_ratio_per_round_median']:.2f} | {', '.join(f'{x:.2f}' for x in r['decode_tokens_per_s_runs'])} | "
+                     f"{r['prefill_tokens_per_s']:.1f} | {r['time_to_first_token_ms']:.0f} | {r['peak_rss_bytes'] / 2**30:.2f} | "
+                     f"{r['model_bytes'] / 1e9:.2f} |")
+    loads = [max(v) for v in zip(*(r["load_average_runs"] for r in doc["rows"]))]
+    lines += ["", "1-minute load average at the start of each round's runs (max over its variants): "
+              + ", ".join(f"{x:.1f}" for x in loads)]
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +255,8 @@ def main() -> None:
         pkg = export_ours(args.checkpoint, args.work, blocks[0])
         variants = [Variant(f"ours b{blocks[0]} threads 1 (genai without the key)", "genai", pkg, "1"),
                     Variant(f"ours b{blocks[0]} as exported (0 = all cores)", "genai", pkg, "none"),
-                    Variant(f"ours b{blocks[0]} threads {t}", "genai", pkg, t)]
+                    Variant(f"ours b{blocks[0]} threads {t}", "genai", pkg, t),
+                    Variant(f"ours b{blocks[0]} threads {t}, no spinning", "genai", pkg, f"{t}-nospin")]
     else:
         variants = [Variant(f"ours int4-cpu b{b}", "genai", export_ours(args.checkpoint, args.work, b), t) for b in blocks]
         if args.builder:

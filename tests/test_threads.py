@@ -52,7 +52,9 @@ def test_exported_genai_config_threads(exported, name):
 def test_resolve_threads(tmp_path):
     cfg = {"model": {"decoder": {"session_options": {}}}}
     (tmp_path / "genai_config.json").write_text(json.dumps(cfg))
-    assert resolve_threads(tmp_path, "cpu", None) == 0  # no key (old packages, the builder's): all cores
+    cores = physical_cores()
+    assert resolve_threads(tmp_path, "cpu", None) == cores  # no key (old packages, the builder's): all cores
+    assert resolve_threads(tmp_path, "cpu", 0) == resolve_threads(tmp_path, "cuda", 0) == cores
     assert resolve_threads(tmp_path, "cuda", None) is None  # GPU: genai's default
     assert resolve_threads(tmp_path, "cpu", 3) == resolve_threads(tmp_path, "cuda", 3) == 3
     cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = 4
@@ -81,7 +83,7 @@ def test_load_threads_reach_the_session(exported, tmp_path):
     one, setting_one = _added_threads(pkg, "1")
     three, setting_three = _added_threads(pkg, "3")
     default, setting_default = _added_threads(pkg, "default")
-    assert (setting_one, setting_three, setting_default) == (1, 3, 0)
+    assert (setting_one, setting_three, setting_default) == (1, 3, physical_cores())  # the package's 0, as a count
     assert three - one == 2
     assert default - one == physical_cores() - 1
     assert (pkg / "genai_config.json").read_bytes() == before  # set through og.Config, never the file
@@ -94,7 +96,7 @@ def test_load_threads_reach_the_session(exported, tmp_path):
     (old / "genai_config.json").write_text(json.dumps(cfg))
     _refresh_manifest_entry(old, "genai_config.json")
     old_default, setting_old = _added_threads(old, "default")
-    assert setting_old == 0 and old_default == default
+    assert setting_old == physical_cores() and old_default == default
 
 
 def _refresh_manifest_entry(folder: Path, name: str) -> None:

@@ -8,7 +8,7 @@ for CPU targets. `load(threads=...)` resolves what the session gets:
     threads=None  the package's own `intra_op_num_threads` when it has one; else, on the CPU EP, 0
                   (all physical cores: packages from before the key, the model builder's packages)
                   and on GPU EPs genai's default (the GPU does the work; see README "Threads")
-    threads=0     all physical cores (ONNX Runtime decides)
+    threads=0     all physical cores (passed to ONNX Runtime as the count, see resolve_threads)
     threads=N     exactly N intra-op threads
 """
 
@@ -45,14 +45,17 @@ def package_threads(path: Path) -> int | None:
 
 
 def resolve_threads(path: Path, provider: str, threads: int | None) -> int | None:
-    """The intra_op_num_threads the session gets (None: leave genai's default alone)."""
+    """The intra_op_num_threads the session gets (None: leave genai's default alone).
+
+    0 (all cores) is passed on as the physical core count: with 0 ONNX Runtime also affinitizes its
+    threads (its threading docs), which cost decode speed on a shared machine (benchmarks/RESULTS.md: one run,
+    2 cores, 8.59 vs 7.60 tok/s median for 2 vs 0).
+    """
     threads = check_threads(threads)
-    if threads is not None:
-        return threads
-    own = package_threads(path)
-    if own is not None:
-        return own
-    return ALL_CORES if provider == "cpu" else None
+    if threads is None:
+        own = package_threads(path)
+        threads = own if own is not None else (ALL_CORES if provider == "cpu" else None)
+    return physical_cores() if threads == ALL_CORES else threads
 
 
 def session_overlay(threads: int | None) -> dict[str, Any]:
