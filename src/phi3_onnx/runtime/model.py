@@ -39,7 +39,7 @@ class Phi3Model:
         self.choice = choice
         self.variant = variant
         self.max_length = _check_max_length(package.manifest, max_length)
-        # the decoder session's intra_op_num_threads (0 = all physical cores; None = genai's default)
+        # the decoder session's intra_op_num_threads (a count; None = genai's default, GPU EPs only)
         self.threads = resolve_threads(package.path, choice.provider, threads)
         self._og = _load_og_model(package.path, choice.provider, self.max_length, self.threads)
         self._tokenizer = import_genai().Tokenizer(self._og)
