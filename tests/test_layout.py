@@ -1,7 +1,7 @@
 """The house's one-way flow, read from the code's own imports (ast): a back-arrow fails here.
 
-checkpoint -> graph -> quantize -> package; runtime and evaluate read packages only; serve reads
-them through the runtime; the CLI's verb
+checkpoint -> graph -> quantize -> package; runtime and evaluate read packages only; serve and bench
+read them through the runtime; the CLI's verb
 modules import the app, never each other. The ground floor (errors, spec, targets, manifest,
 progress, version, safety) imports nothing above it.
 """
@@ -24,7 +24,8 @@ ALLOWED = {
     "runtime": set(),
     "evaluate": set(),
     "serve": {"runtime"},
-    "cli": {"checkpoint", "graph", "quantize", "package", "runtime", "evaluate", "serve", "__init__"},
+    "bench": {"runtime"},  # a reader like runtime/evaluate: packages only through phi3_onnx.runtime
+    "cli": {"checkpoint", "graph", "quantize", "package", "runtime", "evaluate", "serve", "bench", "__init__"},
     "__init__": {"package"},
     "__main__": {"cli"},
 }

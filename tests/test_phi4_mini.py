@@ -233,3 +233,17 @@ def test_partial_rotary_needs_an_even_rotary_dim(tmp_path: Path, phi4_ckpt: Path
     with pytest.raises(Phi3OnnxError, match="partial_rotary_factor"):
         spec_from_config(cfg | {"partial_rotary_factor": 0.01, "rope_parameters": dict(cfg["rope_parameters"], partial_rotary_factor=0.01)})
     assert dataclasses.asdict(spec_from_config(cfg))["partial_rotary_factor"] == 0.75
+
+
+def test_shared_table_with_a_padded_last_block(tmp_path: Path) -> None:
+    """hidden 192 at block 128: the shared int4 table's rows are padded to 256 and the embedding
+    slices the padding off; fp32-compute logits equal transformers on the dequantized weights."""
+    ckpt = make_random_phi3(tmp_path / "p4-192", **phi4_mini_like(hidden_size=192, num_attention_heads=3,
+                                                                   num_key_value_heads=1, intermediate_size=352))
+    pkg = export(ckpt, "int4-cpu", tmp_path / "pkg", block_size=128, accuracy_level=0)
+    model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+    assert any(n.name == "/model/embed_tokens/unpad" for n in model.graph.node)
+    ids = _ids(80, seed=9)
+    with torch.no_grad():
+        ref = _dequantized_model(ckpt, 128)(torch.from_numpy(ids)).logits.numpy()
+    _assert_close(_logits(pkg, ids), ref, "padded shared table vs dequantized transformers")

@@ -16,7 +16,7 @@ from phi3_onnx.cli.app import app
 from phi3_onnx.errors import Interrupted, Phi3OnnxError
 from phi3_onnx.safety import signals_raise
 
-VERB_MODULES = ("export", "runtime", "eval", "serve")
+VERB_MODULES = ("export", "runtime", "eval", "serve", "bench")
 for _name in VERB_MODULES:
     importlib.import_module(f"phi3_onnx.cli.{_name}")
 

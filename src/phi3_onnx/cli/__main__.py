@@ -1,4 +1,4 @@
-"""python -m phi3_onnx.cli: the phi3-onnx command."""
+"""`python -m phi3_onnx.cli ...` runs the `phi3-onnx` command (benchmarks/ scripts call it so)."""
 
 from phi3_onnx.cli import run
 

@@ -27,7 +27,9 @@ def _metavar(param: Any) -> str:
         return param.name.upper()
     if getattr(param, "is_flag", False):
         return ""
-    desc = param.type_descriptor
+    desc = getattr(param, "type_descriptor", None)
+    if desc is None:  # typer before type descriptors: read click's own type
+        return _click_metavar(param)
     if desc.is_choice:
         return "[" + "|".join(str(getattr(c, "value", c)) for c in desc.choices or ()) + "]"
     if desc.is_path:
@@ -36,6 +38,15 @@ def _metavar(param: Any) -> str:
     if desc.is_list:
         annotation = getattr(annotation, "__args__", (str,))[0]
     return _TYPE_METAVARS.get(annotation, "TEXT")
+
+
+def _click_metavar(param: Any) -> str:
+    kind = getattr(param, "type", None)
+    choices = getattr(kind, "choices", None)
+    if choices:
+        return "[" + "|".join(str(getattr(c, "value", c)) for c in choices) + "]"
+    name = str(getattr(kind, "name", "text")).lower()
+    return {"integer": "INTEGER", "float": "FLOAT", "boolean": "BOOLEAN", "path": "PATH", "file": "FILE"}.get(name, "TEXT")
 
 
 class Command(TyperCommand):

@@ -26,6 +26,8 @@ Temperature = Annotated[float, typer.Option(help="0 = greedy")]
 TopP = Annotated[float, typer.Option(help="Nucleus sampling threshold in (0, 1]")]
 TopK = Annotated[int, typer.Option(help="Sample from the k most likely tokens (0 = no limit)")]
 Seed = Annotated[Optional[int], typer.Option(help="Sampling seed")]
+Threads = Annotated[Optional[int], typer.Option(
+    help="CPU threads for the model's session (0 = all physical cores; default: the package's setting, else all physical cores on CPU)")]
 Stop = Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable); <|end|> and <|endoftext|> always stop")]
 JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write the result as JSON to this file (- for stdout)")]
 
@@ -41,11 +43,12 @@ Speculative = Annotated[SpeculativeChoice, typer.Option(help=(
 
 
 def _load(pkg: Path, device: str, verify: bool, max_length: Optional[int], variant: Optional[str],
-          speculative: SpeculativeChoice = SpeculativeChoice.off):
+          speculative: SpeculativeChoice = SpeculativeChoice.off, threads: Optional[int] = None):
     from phi3_onnx.runtime import load
 
     warnings_to_stderr()
-    return load(pkg, device=device, verify=verify, max_length=max_length, variant=variant, speculative=speculative.value)
+    return load(pkg, device=device, verify=verify, max_length=max_length, variant=variant, speculative=speculative.value,
+                threads=threads)
 
 
 @app.command(epilog=example(
@@ -59,7 +62,7 @@ def generate(
     max_new_tokens: MaxNew = 256, temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     seed: Seed = None, stop: Stop = None, device: Device = "auto", max_length: MaxLength = None,
     variant: Variant = None, verify: Verify = False, json_out: JsonOut = None,
-    speculative: Speculative = SpeculativeChoice.off,
+    speculative: Speculative = SpeculativeChoice.off, threads: Threads = None,
 ) -> None:
     """Generate from one prompt (as a user chat turn unless --raw), streaming the text to stdout and why it
     stopped to stderr (`stopped: <|end|>`, `stopped: length (max_new_tokens 256)`, ...)."""
@@ -67,7 +70,7 @@ def generate(
     from phi3_onnx.runtime.options import GenerationOptions
 
     options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, stop)
-    model = _load(pkg, device, verify, max_length, variant, speculative)
+    model = _load(pkg, device, verify, max_length, variant, speculative, threads)
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
     finish, t0 = Finish(), time.perf_counter()
     pieces = model.stream(prompt if raw else messages, options.max_new_tokens, options.temperature,
@@ -133,13 +136,14 @@ def chat(
     max_new_tokens: MaxNew = 512, temperature: Temperature = 0.0, top_p: TopP = 1.0, top_k: TopK = 0,
     seed: Seed = None, device: Device = "auto", max_length: MaxLength = None,
     variant: Variant = None, verify: Verify = False, speculative: Speculative = SpeculativeChoice.off,
+    threads: Threads = None,
 ) -> None:
     """Interactive multi-turn chat, streaming replies to stdout; /help lists the commands (/reset, /exit).
     The banner and command replies go to stderr, so piped output holds only the model's replies."""
     from phi3_onnx.runtime.options import GenerationOptions
 
     options = GenerationOptions.build(max_new_tokens, temperature, top_p, top_k, seed, None)
-    model = _load(pkg, device, verify, max_length, variant, speculative)
+    model = _load(pkg, device, verify, max_length, variant, speculative, threads)
     options.check_vocab(model.manifest.model.vocab_size)  # bad options end the command, not each turn
     session = model.chat(system)
     interactive = sys.stdin.isatty()

@@ -180,6 +180,8 @@ def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: WeightRef | str, 
     """y = x W^T: MatMulNBits for int4 targets, MatMul with the transposed weight otherwise.
 
     x ──MatMul(W^T)──▶ y          or          x ──MatMulNBits(B, scales)──▶ y
+
+    MatMulNBits' B is [N, ceil(K / block_size), block_size / 2]: the packer pads K with zeros.
     """
     recipe, ref = ctx.target.quant, WeightRef.of(hf_name)
     if recipe is None or not quantize:
@@ -208,7 +210,7 @@ def make_int4_weight(ctx: Context, hf_name: WeightRef | str, out_f: int, in_f: i
     recipe, ref = ctx.target.quant, WeightRef.of(hf_name)
     assert recipe is not None
     bs = recipe.block_size
-    k_blocks = in_f // bs
+    k_blocks = -(-in_f // bs)  # ceil: a K that bs does not divide is zero-padded in the last block (K stays in_f)
 
     def quantized() -> Int4Blocks:  # runs when the weight is saved; a graph only planned needs no packer
         if ctx.pack_int4 is None:

@@ -71,12 +71,17 @@ def make_quantized_embedding(ctx: Context, input_ids: ir.Value) -> ir.Value:
     if not ctx.target.quant.symmetric:
         raise ValueError("an int4 embedding table needs symmetric quantization")
     w = make_int4_weight(ctx, tensor_name("embed_tokens"), s.vocab_size, s.hidden_size)
-    k_blocks = s.hidden_size // w.block_size
+    k_blocks = -(-s.hidden_size // w.block_size)  # a padded last block (hidden not a multiple) is sliced off
     scales = b.op("Reshape", [w.scales, b.const(f"{p}/scales_shape", np.array([s.vocab_size, k_blocks, 1], np.int64))], f"{p}/scales_3d")
     rows = b.op("GatherBlockQuantized", [w.packed, input_ids, scales], f"{p}/GatherBlockQuantized", domain=MS_DOMAIN,
                 bits=ctx.target.quant.bits, block_size=w.block_size, gather_axis=0, quantize_axis=2)
-    shape = b.const(f"{p}/hidden_shape", np.array([0, 0, s.hidden_size], np.int64))
-    return b.op("Reshape", [rows, shape], f"{p}/Reshape")
+    padded = k_blocks * w.block_size
+    hidden = b.op("Reshape", [rows, b.const(f"{p}/hidden_shape", np.array([0, 0, padded], np.int64))], f"{p}/Reshape")
+    if padded == s.hidden_size:
+        return hidden
+    ends = b.const(f"{p}/hidden_end", np.array([s.hidden_size], np.int64))
+    return b.op("Slice", [hidden, b.const(f"{p}/zero", np.array([0], np.int64)), ends, b.const(f"{p}/last_axis", np.array([-1], np.int64))],
+                f"{p}/unpad")
 
 
 def make_lm_head(ctx: Context, x: ir.Value) -> ir.Value:

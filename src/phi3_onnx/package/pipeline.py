@@ -90,15 +90,6 @@ def _with_context(spec: ModelSpec, tokens: int | None) -> ModelSpec:
         raise Phi3OnnxError(f"--context-length: {exc}") from None
 
 
-def _check_block_size(spec: ModelSpec, target: Target) -> None:
-    if target.quant is None:
-        return
-    bs = target.quant.block_size
-    for k in (spec.hidden_size, spec.intermediate_size):
-        if k % bs:
-            raise Phi3OnnxError(f"block size {bs} does not divide the layer width {k}")
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
@@ -143,7 +134,6 @@ def plan_export(model: str, target: str | Target, output: str | os.PathLike,
     tgt = resolve_target(target, options)
     source = resolve_model(model)
     spec = _with_context(spec_from_folder(source), options.context_length)
-    _check_block_size(spec, tgt)
     _check_tokenizer(source)
     ckpt = SafetensorsCheckpoint(source)
     check_tensors(ckpt, spec)

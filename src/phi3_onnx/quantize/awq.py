@@ -48,7 +48,7 @@ from phi3_onnx.targets import QuantRecipe
 from phi3_onnx.quantize import CALIBRATION_SEQ_LEN, DEFAULT_CALIBRATION_SAMPLES
 from phi3_onnx.quantize import torch_phi3 as tp
 from phi3_onnx.quantize.awq_search import (BlockChoice, SearchGrid, apply_blocks, best_scale, block_gram, evenly_spaced,
-                                           normalized_weight_mean, scale_candidates, search_blocks, search_scale)
+                                           normalized_weight_mean, pad_k, scale_candidates, search_blocks, search_scale)
 
 DEFAULT_SAMPLES = DEFAULT_CALIBRATION_SAMPLES
 
@@ -138,7 +138,7 @@ def run_layer(spec: ModelSpec, w: tp.LayerWeights, x: torch.Tensor, rope: tp.Rot
     def observe(name: str, inp: torch.Tensor) -> None:
         if name not in stats:
             k = inp.shape[1]
-            stats[name] = LinearStats(inp.new_zeros(k), inp.new_zeros(k // block, block, block))
+            stats[name] = LinearStats(inp.new_zeros(k), inp.new_zeros(-(-k // block), block, block))
         stats[name].add(inp, block, stride)
 
     outs = [tp.layer_forward(spec, w, x[i:i + settings.batch], rope, observe) for i in range(0, x.shape[0], settings.batch)]
@@ -283,7 +283,7 @@ def _input_scale(s: LayerScales, name: str) -> torch.Tensor:
 
 def scaled_gram(stats: LinearStats, s: torch.Tensor, block: int) -> torch.Tensor:
     """Block Gram matrices of the scaled input x / s (what the folded weight sees)."""
-    inv = (1.0 / s).view(-1, block)
+    inv = pad_k(1.0 / s, block).view(-1, block)  # padded channels: zero Gram rows either way
     return stats.gram * inv[:, :, None] * inv[:, None, :]
 
 
@@ -317,7 +317,7 @@ def calibrate_head(spec: ModelSpec, ckpt: SafetensorsCheckpoint, x: torch.Tensor
     gamma = torch.from_numpy(ckpt.read(tensor_name("norm"))).to(x.device)
     w = torch.from_numpy(ckpt.read(tensor_name("lm_head"))).to(x.device)
     h = x.shape[-1]
-    gram = x.new_zeros(h // block, block, block)
+    gram = x.new_zeros(-(-h // block), block, block)
     for i in range(0, x.shape[0], settings.batch):
         gram += block_gram(tp.rms_norm(x[i:i + settings.batch], gamma, spec.rms_norm_eps).reshape(-1, h), block)
     choice = search_blocks(w, gram, block, settings.grid)

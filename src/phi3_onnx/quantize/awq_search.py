@@ -44,18 +44,28 @@ class SearchGrid:
         return 1.0 - self.max_shrink * steps / self.clip_points
 
 
+def pad_k(t: torch.Tensor, block: int) -> torch.Tensor:
+    """t with its last dimension (a linear's input features) zero-padded to whole blocks.
+
+    The int4 packer pads K the same way (phi3_onnx.quantize.rtn): zeros change no block's absmax,
+    and a zero input feature adds nothing to an output or a Gram matrix.
+    """
+    pad = -t.shape[-1] % block
+    return torch.nn.functional.pad(t, (0, pad)) if pad else t
+
+
 def fake_int4(w: torch.Tensor, block: int) -> torch.Tensor:
     """Quantize-dequantize [N, K] like ORT's symmetric MatMulNBits packer.
 
     The block's signed value of largest magnitude (the negative one on a tie) maps to code -8;
     codes span -8..7, so scale = -m / 8.
     """
-    wb = w.reshape(*w.shape[:-1], -1, block)
+    wb = pad_k(w, block).reshape(*w.shape[:-1], -1, block)
     hi, lo = wb.amax(-1, keepdim=True), wb.amin(-1, keepdim=True)
     scale = torch.where(hi > -lo, hi, lo) / -8.0
     inv = torch.where(scale == 0, torch.zeros_like(scale), 1.0 / scale)
     q = torch.round(wb * inv).clamp_(-8, 7)
-    return (q * scale).reshape(w.shape)
+    return (q * scale).reshape(*w.shape[:-1], -1)[..., : w.shape[-1]]
 
 
 def evenly_spaced(n: int, count: int, device: torch.device | None = None) -> torch.Tensor:
@@ -65,8 +75,8 @@ def evenly_spaced(n: int, count: int, device: torch.device | None = None) -> tor
 
 def normalized_weight_mean(w: torch.Tensor, block: int) -> torch.Tensor:
     """Mean over rows of |w| relative to its block's absmax: AWQ's per-channel weight salience."""
-    wb = w.abs().reshape(w.shape[0], -1, block)
-    return (wb / wb.amax(-1, keepdim=True).clamp_min(1e-6)).reshape(w.shape).mean(0)
+    wb = pad_k(w.abs(), block).reshape(w.shape[0], -1, block)
+    return (wb / wb.amax(-1, keepdim=True).clamp_min(1e-6)).reshape(w.shape[0], -1)[:, : w.shape[1]].mean(0)
 
 
 Output = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (input, weight) -> what the search compares
@@ -110,8 +120,8 @@ def search_scale(w: torch.Tensor, x_mean: torch.Tensor, x: torch.Tensor, block: 
 
 
 def block_gram(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Per-block Gram matrices [K/block, block, block] of x [T, K]."""
-    xb = x.reshape(x.shape[0], -1, block).transpose(0, 1)
+    """Per-block Gram matrices [ceil(K/block), block, block] of x [T, K] (K zero-padded)."""
+    xb = pad_k(x, block).reshape(x.shape[0], -1, block).transpose(0, 1)
     return xb.transpose(1, 2) @ xb
 
 
@@ -157,6 +167,7 @@ def search_blocks(w: torch.Tensor, gram: torch.Tensor, block: int, grid: SearchG
     temporaries stay in the CPU cache.
     """
     factors = grid.shrink_factors(w.device)
+    w = pad_k(w, block)
     n_blocks = w.shape[1] // block
     clip = torch.zeros(w.shape[0], n_blocks, dtype=torch.uint8, device=w.device)
     alpha = torch.ones(w.shape[0], n_blocks, dtype=torch.float16, device=w.device)
@@ -192,7 +203,7 @@ def search_blocks(w: torch.Tensor, gram: torch.Tensor, block: int, grid: SearchG
 
 def apply_blocks(w: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid) -> torch.Tensor:
     """alpha * clamp(block, ±c): ORT's absmax scale becomes alpha * c / 8 and the codes stay those of the clip."""
-    wb = w.reshape(w.shape[0], -1, block)
+    wb = pad_k(w, block).reshape(w.shape[0], -1, block)
     c = wb.abs().amax(-1, keepdim=True) * grid.shrink_factors(w.device)[choice.clip.long()].unsqueeze(-1)
     clipped = torch.minimum(torch.maximum(wb, -c), c)
-    return (clipped * choice.alpha.float().unsqueeze(-1)).reshape(w.shape)
+    return (clipped * choice.alpha.float().unsqueeze(-1)).reshape(w.shape[0], -1)[:, : w.shape[1]]

@@ -32,29 +32,41 @@ def _kernel():
     return quantize_matmul_4bits
 
 
+def k_blocks(k: int, block_size: int) -> int:
+    """Blocks per output row: ceil(K / block_size); MatMulNBits' B is [N, k_blocks, block_size / 2]."""
+    return -(-k // block_size)
+
+
 def quantize_int4(weight_nk: np.ndarray, block_size: int, symmetric: bool = True, dtype: str = "float32") -> Int4Packed:
-    """Quantize a Hugging Face-layout weight [out=N, in=K] for MatMulNBits (B = W^T)."""
+    """Quantize a Hugging Face-layout weight [out=N, in=K] for MatMulNBits (B = W^T).
+
+    K need not be a multiple of block_size: the weight is padded with zero input features to whole
+    blocks (zeros change no block's absmax), as ORT's own MatMulNBitsQuantizer pads it; the node keeps
+    the real K.
+    """
     n, k = weight_nk.shape
-    if k % block_size:
-        raise Phi3OnnxError(f"in-features {k} is not a multiple of block size {block_size}")
-    k_blocks = k // block_size
-    w_kn = np.ascontiguousarray(weight_nk.T, dtype=dtype)
-    packed = np.zeros((n, k_blocks, block_size // 2), dtype=np.uint8)
-    scales = np.zeros((n, k_blocks), dtype=dtype)
-    zero_points = np.zeros((n, (k_blocks + 1) // 2), dtype=np.uint8)
-    _kernel()(packed, w_kn, scales, zero_points, block_size, n, k, symmetric)
+    blocks = k_blocks(k, block_size)
+    w_kn = np.zeros((blocks * block_size, n), dtype=dtype)
+    w_kn[:k] = weight_nk.T
+    packed = np.zeros((n, blocks, block_size // 2), dtype=np.uint8)
+    scales = np.zeros((n, blocks), dtype=dtype)
+    zero_points = np.zeros((n, (blocks + 1) // 2), dtype=np.uint8)
+    # the kernel quantizes all blocks * block_size rows: padded values get the zero code (8), so a kernel
+    # that reads whole blocks adds exactly 0 for them (with rows=K their bytes stay 0, i.e. code -8)
+    _kernel()(packed, w_kn, scales, zero_points, block_size, n, blocks * block_size, symmetric)
     return Int4Packed(packed, scales.reshape(-1), None if symmetric else zero_points)
 
 
 def dequantize_int4(q: Int4Packed, n: int, k: int, block_size: int) -> np.ndarray:
-    """[N, K] float32 weight the packed blocks stand for (tests and error analysis)."""
+    """[N, K] float32 weight the packed blocks stand for (tests and error analysis; padding dropped)."""
+    blocks = k_blocks(k, block_size)
     low = (q.packed & 0x0F).astype(np.int32)
     high = (q.packed >> 4).astype(np.int32)
-    values = np.stack([low, high], axis=-1).reshape(n, k // block_size, block_size)
+    values = np.stack([low, high], axis=-1).reshape(n, blocks, block_size)
     if q.zero_points is None:
-        zp = np.full((n, k // block_size, 1), 8, dtype=np.int32)
+        zp = np.full((n, blocks, 1), 8, dtype=np.int32)
     else:
         zpl = np.stack([q.zero_points & 0x0F, q.zero_points >> 4], axis=-1).reshape(n, -1)
-        zp = zpl[:, : k // block_size, None].astype(np.int32)
-    scales = q.scales.astype(np.float32).reshape(n, k // block_size, 1)
-    return ((values - zp) * scales).reshape(n, k)
+        zp = zpl[:, :blocks, None].astype(np.int32)
+    scales = q.scales.astype(np.float32).reshape(n, blocks, 1)
+    return ((values - zp) * scales).reshape(n, blocks * block_size)[:, :k]

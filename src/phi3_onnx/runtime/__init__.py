@@ -21,6 +21,7 @@ from phi3_onnx.runtime.options import GenerationOptions
 from phi3_onnx.manifest import Variant, discover
 from phi3_onnx.runtime.package import Package, choose_variant, open_package
 from phi3_onnx.runtime.providers import Choice, Environment, choose_provider, probe_environment
+from phi3_onnx.runtime.threads import check_threads
 
 log = logging.getLogger("phi3_onnx")
 
@@ -55,7 +56,8 @@ def plan_load(path: str | Path, device: str = "auto", verify: bool = False, vari
 
 
 def load(path: str | Path, device: str = "auto", verify: bool = False, max_length: int | None = None,
-         variant: str | None = None, max_batch: int | None = None, speculative: str | None = None) -> Phi3Model:
+         variant: str | None = None, max_batch: int | None = None, speculative: str | None = None,
+         threads: int | None = None) -> Phi3Model:
     """Load a package (or the best variant of a bundle) on device "auto" | "cpu" | "cuda" | "dml".
 
     Checks file sizes (and sha256s with verify=True) and the runtime versions the package needs.
@@ -63,12 +65,15 @@ def load(path: str | Path, device: str = "auto", verify: bool = False, max_lengt
     speculative="ngram" turns on n-gram speculative decoding for every call (greedy output unchanged;
     a call's own speculative= overrides it).
     max_batch sizes genai's batching Engine (`runtime.batch.BatchEngine`; default: genai's own).
+    threads: the CPU threads of the model's ONNX Runtime session (0 = all physical cores); default:
+    the package's setting, else all physical cores on the CPU EP (see phi3_onnx.runtime.threads).
     """
+    check_threads(threads)
     plan = plan_load(path, device, verify, variant)
     check_requires(plan.package.manifest.requires, installed_versions())
     if plan.choice.warning:
         log.warning(plan.choice.warning)
-    return Phi3Model(plan.package, plan.choice, max_length, plan.variant, max_batch, speculative)
+    return Phi3Model(plan.package, plan.choice, max_length, plan.variant, max_batch, speculative, threads)
 
 
 __all__ = ["ChatSession", "Choice", "Environment", "GenerationOptions", "Phi3Model", "Plan", "choose_provider",

@@ -27,6 +27,7 @@ from phi3_onnx.runtime.options import GenerationOptions, find_stop, safe_prefix_
 from phi3_onnx.runtime.package import Package
 from phi3_onnx.runtime.providers import Choice
 from phi3_onnx.runtime.structured import JsonPlan, plan_for
+from phi3_onnx.runtime.threads import resolve_threads, session_overlay
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -88,7 +89,7 @@ class Phi3Model:
     """A phi3-onnx package loaded on one execution provider (see `phi3_onnx.runtime.load`)."""
 
     def __init__(self, package: Package, choice: Choice, max_length: int | None = None, variant: str | None = None,
-                 max_batch: int | None = None, speculative: str | None = None) -> None:
+                 max_batch: int | None = None, speculative: str | None = None, threads: int | None = None) -> None:
         self.path: Path = package.path
         self.manifest: Manifest = package.manifest
         self.choice = choice
@@ -96,7 +97,9 @@ class Phi3Model:
         self.max_length = _check_max_length(package.manifest, max_length)
         self.max_batch = _check_max_batch(max_batch)
         self.speculative = speculative_method(speculative)  # the default for generate/stream/chat
-        self._og = _load_og_model(package.path, choice.provider, self.max_length, self.max_batch)
+        # the decoder session's intra_op_num_threads (a count; None = genai's default, GPU EPs only)
+        self.threads = resolve_threads(package.path, choice.provider, threads)
+        self._og = _load_og_model(package.path, choice.provider, self.max_length, self.max_batch, self.threads)
         self._tokenizer = import_genai().Tokenizer(self._og)
         self.stop_token_ids = frozenset(self._stop_ids())
         self._roles: dict[str, bool] = {}  # role -> whether the chat template renders it
@@ -559,11 +562,14 @@ def _check_max_batch(max_batch: int | None) -> int | None:
     return None if max_batch is None else int(max_batch)
 
 
-def _load_og_model(path: Path, provider: str, max_length: int, max_batch: int | None = None) -> Any:
-    """og.Model with the chosen EP and max_length set through og.Config: genai_config.json stays untouched."""
+def _load_og_model(path: Path, provider: str, max_length: int, max_batch: int | None = None,
+                   threads: int | None = None) -> Any:
+    """og.Model with the chosen EP, threads and max_length set through og.Config: genai_config.json stays untouched."""
     og = import_genai()
     try:
         config = og.Config(str(path))
+        if threads is not None:  # before the providers, so the overlay cannot touch their options
+            config.overlay(json.dumps(session_overlay(threads)))
         config.clear_providers()
         if provider != "cpu":
             config.append_provider(provider)
