@@ -39,7 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PRESET = REPO / "src" / "phi3_onnx" / "checkpoint" / "configs" / "phi4-mini-instruct.json"
-TINY = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
+TINY = {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
 # head_dim stays 128 in --tiny (256 / 2), so the preset's 48 LongRoPE factors (rotary dim 96 / 2) still fit.
 
 MAKE_CKPT = r"""
@@ -175,11 +175,11 @@ def versions() -> dict:
     try:
         import onnxruntime as ort
         v["ort_providers"] = ort.get_available_providers()
-    except Exception:  # noqa: BLE001
-        pass
+    except Exception as e:  # noqa: BLE001
+        v["ort_providers"] = f"unavailable ({type(e).__name__})"
     try:
         v["gpu"] = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                                  capture_output=True, text=True, timeout=30).stdout.strip()
+                                  capture_output=True, text=True, timeout=30, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         v["gpu"] = None
     return v
@@ -379,7 +379,7 @@ def summarize(r: dict) -> dict:
     for (who, ep), v in out.items():
         ok_e = [e for e in v["export"] if e.get("rc") == 0]
         ok_d = [d for d in v["decode"] if "decode_tok_s" in d]
-        med = lambda xs: round(statistics.median(xs), 3) if xs else None  # noqa: E731
+        med = lambda xs: round(statistics.median(xs), 3) if xs else None
         table[f"{who}-{ep}"] = {
             "package_bytes": ok_e[0]["package_bytes"] if ok_e else None,
             "data_bytes": ok_e[0]["data_bytes"] if ok_e else None,
@@ -403,18 +403,18 @@ def render(r: dict) -> str:
     t = summarize(r)
     r["summary"] = t
     v = r.get("versions", {})
-    gb = lambda x: "—" if x is None else f"{x / 1e9:.3f} GB"  # noqa: E731
-    f = lambda x, fmt="{:.2f}": "—" if x is None else fmt.format(x)  # noqa: E731
+    gb = lambda x: "—" if x is None else f"{x / 1e9:.3f} GB"
+    f = lambda x, fmt="{:.2f}": "—" if x is None else fmt.format(x)
     lines = [f"# Phi-4-mini int4: phi3-onnx vs onnxruntime-genai model builder ({'TINY config' if r.get('config', {}).get('tiny') else 'full size'})",
-             "", f"Machine: {v.get('cpus')} CPUs, GPU {v.get('gpu')}; onnxruntime {v.get('onnxruntime')}, "
-             f"onnxruntime-genai {v.get('onnxruntime_genai')}, onnx-ir {v.get('onnx_ir')}, torch {v.get('torch')}, "
-             f"transformers {v.get('transformers')}.", ""]
+             "", (f"Machine: {v.get('cpus')} CPUs, GPU {v.get('gpu')}; onnxruntime {v.get('onnxruntime')}, "
+                  f"onnxruntime-genai {v.get('onnxruntime_genai')}, onnx-ir {v.get('onnx_ir')}, torch {v.get('torch')}, "
+                  f"transformers {v.get('transformers')}."), ""]
     ck = r.get("steps", {}).get("ckpt", {})
     if ck:
         lines += [f"Checkpoint: {ck.get('params')} parameters, {gb(ck.get('bytes'))} safetensors (random bf16, tied embeddings).", ""]
     c = r.get("config", {})
-    lines += ["| package | package bytes | model.onnx.data | export s | export peak RSS (process tree, polled / ru_maxrss) | load RSS | load s | "
-              f"first token ({c.get('prompt')} tok prompt) | decode tok/s ({c.get('new')} new) median [reps] | GPU mem |",
+    lines += [("| package | package bytes | model.onnx.data | export s | export peak RSS (process tree, polled / ru_maxrss) | load RSS | load s | "
+               f"first token ({c.get('prompt')} tok prompt) | decode tok/s ({c.get('new')} new) median [reps] | GPU mem |"),
               "|---|---|---|---|---|---|---|---|---|---|"]
     for k, row in t.items():
         lines.append(f"| {k} | {gb(row['package_bytes'])} | {gb(row['data_bytes'])} | {f(row['export_s'], '{:.1f}')} | "
