@@ -88,15 +88,15 @@ def verify_cost(path: str, reps: int, threads: int | None, ks=(1, 2, 4, 8), pref
     params.set_search_options(max_length=prefix + max(ks) + 1)
     gen = og.Generator(model, params)
     gen.append_tokens(ids[:prefix])
-    out = {}
-    for k in ks:
-        samples = []
-        for _ in range(reps + 1):
+    samples: dict[int, list[float]] = {k: [] for k in ks}
+    for rep in range(reps + 1):  # k = 1, 2, 4, 8, 1, 2, ...: interleaved, so a stall hits every k alike
+        for k in ks:
             start = time.perf_counter()
             gen.append_tokens(ids[prefix:prefix + k])
-            samples.append(time.perf_counter() - start)
+            if rep:  # the first round is warm-up
+                samples[k].append(time.perf_counter() - start)
             gen.rewind_to(prefix)
-        out[k] = statistics.median(samples[1:])  # the first is warm-up
+    out = {k: statistics.median(v) for k, v in samples.items()}
     return out
 
 
