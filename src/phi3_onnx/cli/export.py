@@ -25,7 +25,7 @@ def export(
     block_size: Annotated[Optional[int], typer.Option(help="int4 block size (power of two >= 16)")] = None,
     accuracy_level: Annotated[Optional[int], typer.Option(help="MatMulNBits accuracy_level 0..4 (4 = int8 compute)")] = None,
     quantize_embedding: Annotated[bool, typer.Option("--quantize-embedding", help=(
-        "int4 targets: store the embedding table in int4 too (GatherBlockQuantized; smaller package and RSS). "
+        "int4 targets: store the embedding table in int4 too (GatherBlockQuantized; a smaller package, same RSS on CPU). "
         "Tied models (Phi-4-mini) always share one int4 table with lm_head"))] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print what would be written and the memory estimate")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output")] = False,
