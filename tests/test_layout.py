@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "phi3_onnx"
-GROUND = {"errors", "spec", "targets", "manifest", "progress", "version", "safety"}
+GROUND = {"errors", "spec", "targets", "manifest", "progress", "version", "registry", "safety"}
 # stage -> the stages (besides the ground floor and itself) it may import
 ALLOWED = {
     "checkpoint": set(),

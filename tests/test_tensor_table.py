@@ -52,3 +52,11 @@ def test_tied_embeddings_have_no_lm_head(tiny_ckpt):
 def test_every_target_method_has_a_quantizer():
     methods = {t.quant.method for t in TARGETS.values() if t.quant}
     assert methods <= set(QUANTIZERS), methods - set(QUANTIZERS)
+
+
+def test_registries_refuse_a_duplicate_name():
+    from phi3_onnx.registry import registry
+
+    with pytest.raises(ValueError, match="duplicate thing a"):
+        registry(["a", "b", "a"], key=str, what="thing")
+    assert list(registry(["b", "a"], key=str, what="thing")) == ["b", "a"]

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.registry import registry
 from phi3_onnx.spec import ModelSpec
 
 Kind = Literal["embedding", "norm", "linear"]
@@ -49,16 +50,7 @@ class TensorInfo:
         return self.template.format(layer=layer)
 
 
-def _table(*rows: TensorInfo) -> dict[str, TensorInfo]:
-    table: dict[str, TensorInfo] = {}
-    for row in rows:
-        if row.role in table:
-            raise ValueError(f"duplicate tensor role {row.role}")
-        table[row.role] = row
-    return table
-
-
-TENSORS: dict[str, TensorInfo] = _table(
+TENSORS: dict[str, TensorInfo] = registry((
     TensorInfo("embed_tokens", "model.embed_tokens.weight", "embedding", lambda s: (s.vocab_size, s.hidden_size)),
     TensorInfo("input_layernorm", "model.layers.{layer}.input_layernorm.weight", "norm", lambda s: (s.hidden_size,)),
     TensorInfo("qkv_proj", "model.layers.{layer}.self_attn.qkv_proj.weight", "linear", lambda s: (s.qkv_dim, s.hidden_size)),
@@ -68,7 +60,7 @@ TENSORS: dict[str, TensorInfo] = _table(
     TensorInfo("down_proj", "model.layers.{layer}.mlp.down_proj.weight", "linear", lambda s: (s.hidden_size, s.intermediate_size)),
     TensorInfo("norm", "model.norm.weight", "norm", lambda s: (s.hidden_size,)),
     TensorInfo("lm_head", "lm_head.weight", "linear", lambda s: (s.vocab_size, s.hidden_size)),
-)
+), key=lambda t: t.role, what="tensor role")
 
 LAYER_ROLES: tuple[str, ...] = tuple(r for r, t in TENSORS.items() if t.per_layer)
 LAYER_LINEARS: tuple[str, ...] = tuple(r for r in LAYER_ROLES if TENSORS[r].kind == "linear")

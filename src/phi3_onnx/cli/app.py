@@ -128,16 +128,21 @@ def human_bytes(n: float) -> str:
 
 def write_json(doc: Any, dest: Path) -> None:
     """`--json FILE` writes the document there; `--json -` to stdout."""
-    text = json.dumps(doc, indent=2, allow_nan=False) + "\n"
+    write_output(dest, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+def write_output(dest: Path, text: str) -> None:
+    """A report for `--json/--markdown FILE`: written whole or not at all; `-` is stdout."""
+    from phi3_onnx.errors import Phi3OnnxError
+    from phi3_onnx.safety import write_text_atomic
+
     if str(dest) == "-":
         sys.stdout.write(text)
         sys.stdout.flush()
         return
-    from phi3_onnx.errors import Phi3OnnxError
-
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_text(text, encoding="utf-8")
+        write_text_atomic(dest, text)
     except OSError as exc:
         raise Phi3OnnxError(f"cannot write {dest} ({exc.strerror})") from None
 

@@ -10,9 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from phi3_onnx.cli.app import app, example
+from phi3_onnx.cli.app import app, example, write_output
 from phi3_onnx.errors import CheckFailed, Phi3OnnxError
-from phi3_onnx.safety import write_text_atomic
 
 
 class PositionsChoice(str, Enum):
@@ -50,9 +49,9 @@ def eval_(
         print(f"warning: {warning}", file=sys.stderr)
     print(to_text(report), end="", file=sys.stderr if to_stdout else sys.stdout)  # stdout holds the - report alone
     if json_out:
-        _write(json_out, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
+        write_output(json_out, json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
     if markdown_out:
-        _write(markdown_out, to_markdown(report))
+        write_output(markdown_out, to_markdown(report))
     if not report.passed:
         raise CheckFailed(report.summary())
 
@@ -70,13 +69,3 @@ def _stdout_target(json_out: Path | None, markdown_out: Path | None) -> bool:
     return bool(dashes)
 
 
-def _write(path: Path, text: str) -> None:
-    if str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, text)
-    except OSError as exc:
-        raise Phi3OnnxError(f"cannot write {path} ({exc.strerror})") from None

@@ -22,6 +22,7 @@ from phi3_onnx.checkpoint.reader import SafetensorsCheckpoint
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.graph import Int4Packer, WeightSource
 from phi3_onnx.quantize.rtn import quantize_int4
+from phi3_onnx.registry import registry
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import QuantRecipe
 
@@ -127,16 +128,7 @@ class AwqQuantizer:
         return quantize_int4
 
 
-def _register(*quantizers: Quantizer) -> dict[str, Quantizer]:
-    registry: dict[str, Quantizer] = {}
-    for q in quantizers:
-        if q.method in registry:
-            raise ValueError(f"duplicate quantizer {q.method}")
-        registry[q.method] = q
-    return registry
-
-
-QUANTIZERS: dict[str, Quantizer] = _register(RtnQuantizer(), AwqQuantizer())
+QUANTIZERS: dict[str, Quantizer] = registry((RtnQuantizer(), AwqQuantizer()), key=lambda q: q.method, what="quantizer")
 
 
 def get_quantizer(method: str) -> Quantizer:

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from phi3_onnx.registry import registry
+
 Provider = Literal["cpu", "cuda", "dml"]
 DType = Literal["float32", "float16"]
 
@@ -98,15 +100,6 @@ class Target:
         )
 
 
-def _register(*targets: Target) -> dict[str, Target]:
-    registry: dict[str, Target] = {}
-    for t in targets:
-        if t.name in registry:
-            raise ValueError(f"duplicate target {t.name}")
-        registry[t.name] = t
-    return registry
-
-
 _CPU_GRAPH = GraphOptions()
 # CUDA: packed QKV MatMul and rotary inside GQA, like the CPU graph; gate and up as two MatMulNBits
 # (no Split copy after the GEMV: 401 -> 411 tok/s int4 on an H100, two runs, benchmarks/RESULTS.md).
@@ -130,7 +123,7 @@ _GPU_LEVEL = 0
 _INT4_RTN_LIMITS = DriftLimits(max_ppl_increase_pct=5.0, max_kl=0.05, min_top1=0.85)
 _INT4_AWQ_LIMITS = DriftLimits(max_ppl_increase_pct=4.0, max_kl=0.04, min_top1=0.85)
 
-TARGETS: dict[str, Target] = _register(
+TARGETS: dict[str, Target] = registry((
     Target(
         name="fp32-cpu",
         description="fp32 weights and activations on the CPU EP; the accuracy reference",
@@ -194,7 +187,7 @@ TARGETS: dict[str, Target] = _register(
         graph=_DML_GRAPH,
         limits=DriftLimits(max_ppl_increase_pct=6.0, max_kl=0.06, min_top1=0.80),
     ),
-)
+), key=lambda t: t.name, what="target")
 
 
 def get_target(name: str) -> Target:
