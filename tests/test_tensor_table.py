@@ -60,3 +60,24 @@ def test_registries_refuse_a_duplicate_name():
     with pytest.raises(ValueError, match="duplicate thing a"):
         registry(["a", "b", "a"], key=str, what="thing")
     assert list(registry(["b", "a"], key=str, what="thing")) == ["b", "a"]
+
+
+def test_provider_registry_drives_every_stage():
+    """One row per EP: each target's provider is registered, auto prefers CUDA > DirectML > CPU, genai_config
+    carries the row's options, and a GPU EP is usable only with its probed device present."""
+    from phi3_onnx.evaluate.sources import EP_NAMES
+    from phi3_onnx.package.genai_config import genai_config
+    from phi3_onnx.runtime.providers import Environment
+    from phi3_onnx.checkpoint import preset
+    from phi3_onnx.targets.providers import PROVIDER_ORDER, PROVIDERS
+
+    assert PROVIDER_ORDER == ("cuda", "dml", "cpu")
+    assert {t.provider for t in TARGETS.values()} <= set(PROVIDERS)
+    assert EP_NAMES == {n: p.ort_name for n, p in PROVIDERS.items()}
+    spec = preset("phi3-mini-4k")
+    for target in TARGETS.values():
+        session = genai_config(spec, target, 64)["model"]["decoder"]["session_options"]
+        assert session["provider_options"] == PROVIDERS[target.provider].provider_options()
+    installed = tuple(p.ort_name for p in PROVIDERS.values())
+    assert not Environment(installed, cuda_devices=0).usable("cuda")
+    assert Environment(installed, cuda_devices=1).usable("cuda") and Environment(installed).usable("cpu")

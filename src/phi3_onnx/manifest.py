@@ -25,6 +25,7 @@ from typing import Any
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target
+from phi3_onnx.targets.providers import PROVIDERS as PROVIDER_REGISTRY
 
 MANIFEST = "manifest.json"
 FORMAT = "phi3-onnx/1"
@@ -34,7 +35,7 @@ GENAI_CONFIG = "genai_config.json"
 # Tokenizer files onnxruntime-genai reads when present; a package has tokenizer.json or tokenizer.model.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "chat_template.jinja")
-PROVIDERS = ("cpu", "cuda", "dml")
+PROVIDERS = tuple(PROVIDER_REGISTRY)
 IO_DTYPES = ("float32", "float16")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 MAX_SYMLINK_HOPS = 40

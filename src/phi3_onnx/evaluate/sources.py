@@ -14,10 +14,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.targets.providers import ORT_NAMES
 from phi3_onnx.manifest import MANIFEST, Manifest, read_manifest
 
 # onnxruntime's name for each Target.provider
-EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider"}
+EP_NAMES = ORT_NAMES  # targets.providers: our provider name -> onnxruntime's
 CPU_EP = EP_NAMES["cpu"]
 TORCH_HINT = "pip install 'phi3-onnx[torch]'"
 

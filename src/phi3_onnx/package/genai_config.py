@@ -6,25 +6,7 @@ from typing import Any
 
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target
-
-# Provider options per execution provider, in the form genai_config's session_options expects.
-# cuda: "enable_cuda_graph" "1" makes genai capture one decode step and replay it (needs the
-#   shared past/present buffers below and a graph without control flow or host reads of data).
-# dml: "enable_graph_capture" "1" is the key onnxruntime-genai's model builder writes for DirectML
-#   (genai turns it into ORT's "ep.dml.enable_graph_capture" session entry).
-PROVIDER_OPTIONS: dict[str, list[dict[str, Any]]] = {
-    "cpu": [],
-    "cuda": [{"cuda": {"enable_cuda_graph": "1"}}],
-    "dml": [{"dml": {"enable_graph_capture": "1"}}],
-}
-
-
-# CPU targets say "intra_op_num_threads": 0 (ONNX Runtime's default: one thread per physical core of
-# the machine that runs it, never a count from the exporting machine). Without the key
-# onnxruntime-genai 0.18 runs the session on one thread (about half speed on 2 cores). GPU targets
-# leave it to genai (one CPU thread; the GPU does the work). phi3_onnx.runtime.load(threads=) overrides.
-THREADS: dict[str, dict[str, int]] = {"cpu": {"intra_op_num_threads": 0}, "cuda": {}, "dml": {}}
-
+from phi3_onnx.targets.providers import PROVIDERS
 
 def decoder_inputs(target: Target) -> dict[str, str]:
     """genai input-name map; position_ids only where the graph takes it."""
@@ -41,8 +23,8 @@ def default_max_length(spec: ModelSpec) -> int:
 
 
 def genai_config(spec: ModelSpec, target: Target, max_length: int) -> dict[str, Any]:
-    session: dict[str, Any] = {"log_id": "onnxruntime-genai", **THREADS[target.provider],
-                               "provider_options": PROVIDER_OPTIONS[target.provider]}
+    ep = PROVIDERS[target.provider]
+    session: dict[str, Any] = {"log_id": "onnxruntime-genai", **ep.session_threads, "provider_options": ep.provider_options()}
     eos = list(spec.eos_token_ids) or [spec.pad_token_id]
     return {
         "model": {

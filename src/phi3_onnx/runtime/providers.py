@@ -14,13 +14,12 @@ from dataclasses import dataclass
 
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.targets import TARGETS
+from phi3_onnx.targets.providers import ORT_NAMES, PROVIDER_ORDER, PROVIDERS
 
-# Preference when the user says device="auto": fastest first.
-PROVIDER_ORDER = ("cuda", "dml", "cpu")
+# The EPs as data (targets.providers): ORT names, labels, extras, preference for device="auto", probes.
 DEVICES = ("auto", *PROVIDER_ORDER)
-ORT_NAMES = {"cuda": "CUDAExecutionProvider", "dml": "DmlExecutionProvider", "cpu": "CPUExecutionProvider"}
-LABELS = {"cuda": "CUDA", "dml": "DirectML", "cpu": "CPU"}
-EXTRAS = {"cuda": "phi3-onnx[cuda]", "dml": "phi3-onnx[directml]", "cpu": "phi3-onnx[cpu]"}
+LABELS = {n: p.label for n, p in PROVIDERS.items()}
+EXTRAS = {n: p.extra for n, p in PROVIDERS.items()}
 
 
 @dataclass(frozen=True)
@@ -33,8 +32,9 @@ class Environment:
 
     def usable(self, provider: str) -> bool:
         """The EP is compiled in and (for GPUs) a device is present."""
-        present = {"cuda": self.cuda_devices > 0, "dml": self.dml_adapters > 0, "cpu": True}
-        return ORT_NAMES[provider] in self.providers and present[provider]
+        probe = PROVIDERS[provider].probe
+        present = probe is None or getattr(self, probe) > 0
+        return ORT_NAMES[provider] in self.providers and present
 
     def why_not(self, provider: str) -> str:
         if ORT_NAMES[provider] not in self.providers:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from phi3_onnx.registry import registry
+from phi3_onnx.targets.providers import ProviderName
 
-Provider = Literal["cpu", "cuda", "dml"]
+Provider = ProviderName  # the keys of targets.providers.PROVIDERS
 DType = Literal["float32", "float16"]
 
 
