@@ -196,6 +196,11 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def pause_requested(stage: str) -> bool:
+    """Whether a test asked to pause at `stage` (PHI3_ONNX_TEST_PAUSE_AT)."""
+    return os.environ.get(PAUSE_ENV) == stage
+
+
 def pause_point(stage: str) -> None:
     """Tests only (see the module docstring): wait here once when PHI3_ONNX_TEST_PAUSE_AT == stage."""
     if os.environ.get(PAUSE_ENV) != stage or stage in _paused:

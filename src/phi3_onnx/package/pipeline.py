@@ -29,7 +29,7 @@ from phi3_onnx.package.options import ExportOptions
 from phi3_onnx.package.staging import check_destination, preview_destination, staged_folder
 from phi3_onnx.package.verify import available_memory, check_loadable
 from phi3_onnx.progress import task
-from phi3_onnx.safety import pause_point
+from phi3_onnx.safety import pause_point, pause_requested
 from phi3_onnx.quantize import QuantizeInput, Quantized, get_quantizer
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target, get_target
@@ -197,8 +197,11 @@ def write_package(plan: ExportPlan, quantized: Quantized, dest: Path, progress: 
     # under onnx_ir's size threshold stay inside model.onnx, so len(initializers) is not the count
     total = len(model.graph.initializers)
     with task(f"Writing {plan.target.name} weights", total, progress) as advance:
-        # two workers: one reads/widens a tensor while the other quantizes (both release the GIL)
-        ir.save(model, dest / "model.onnx", external_data="model.onnx.data", max_workers=SAVE_WORKERS,
+        # two workers: one reads/widens a tensor while the other quantizes (both release the GIL). A test
+        # pausing mid-weights saves on the main thread: onnx_ir runs callbacks under one lock, so a
+        # pause in a worker's callback would stall the other worker and the main thread's wait with it.
+        workers = None if pause_requested("export:weights") else SAVE_WORKERS
+        ir.save(model, dest / "model.onnx", external_data="model.onnx.data", max_workers=workers,
                 max_in_flight_bytes=1 << 30, callback=lambda tensor, info: _saved(advance, info.total))
     config = genai_config(plan.spec, plan.target, plan.max_length)
     (dest / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
