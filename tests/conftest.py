@@ -56,3 +56,18 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def pkg(exported) -> Path:
+    """The tiny checkpoint's int4-cpu package (the runtime, CLI and server tests' default)."""
+    return exported("int4-cpu")
+
+
+@pytest.fixture(scope="module")
+def model(pkg):
+    """That package loaded with phi3_onnx.runtime, once per test module."""
+    from phi3_onnx.runtime import load
+
+    return load(pkg)
+

@@ -20,18 +20,6 @@ QUESTION = "What does os.path.join do?"
 VERBS = ("export", "targets", "generate", "chat", "info", "eval", "serve")
 
 
-@pytest.fixture(scope="module")
-def pkg(exported):
-    return exported("int4-cpu")
-
-
-@pytest.fixture(scope="module")
-def model(pkg):
-    from phi3_onnx.runtime import load
-
-    return load(pkg)
-
-
 def run(capsys, argv) -> tuple[int, str, str]:
     rc = main([str(a) for a in argv])
     out = capsys.readouterr()

@@ -17,16 +17,6 @@ from phi3_onnx.runtime import load
 PROSE = "The committee reviewed the proposal and"
 
 
-@pytest.fixture(scope="module")
-def pkg(exported):
-    return exported("int4-cpu")
-
-
-@pytest.fixture(scope="module")
-def model(pkg):
-    return load(pkg)
-
-
 @pytest.fixture
 def copy_pkg(pkg, tmp_path):
     def make(edit_manifest=None):

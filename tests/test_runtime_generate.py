@@ -20,16 +20,6 @@ PROSE = "The committee reviewed the proposal and"
 QUESTION = [{"role": "user", "content": "What does a compiler do?"}]
 
 
-@pytest.fixture(scope="module")
-def pkg(exported):
-    return exported("int4-cpu")
-
-
-@pytest.fixture(scope="module")
-def model(pkg):
-    return load(pkg)
-
-
 def plain_genai(path, ids, n, eos=None, **search):
     """Reference: the documented onnxruntime-genai loop, no wrapper; optionally another eos list."""
     config = og.Config(str(path))

@@ -13,7 +13,6 @@ import jsonschema
 import openai
 import pytest
 
-from phi3_onnx.runtime import load
 from serve_helpers import start_server, stop_server
 
 KEY = "test-key-123"
@@ -22,16 +21,6 @@ QUESTIONS = ["What does a compiler do?", "How do I join paths?", "What is a list
 PERSON = {"type": "object", "required": ["name", "age", "tags"],
           "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
                          "tags": {"type": "array", "items": {"type": "string"}}, "kind": {"enum": ["a", "b"]}}}
-
-
-@pytest.fixture(scope="module")
-def pkg(exported):
-    return exported("int4-cpu")
-
-
-@pytest.fixture(scope="module")
-def model(pkg):
-    return load(pkg)
 
 
 @pytest.fixture(scope="module")
