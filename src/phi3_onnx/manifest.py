@@ -38,6 +38,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 PROVIDERS = tuple(PROVIDER_REGISTRY)
 IO_DTYPES = ("float32", "float16")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+DECODER_FILE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*\.onnx")
 MAX_SYMLINK_HOPS = 40
 # The oldest runtimes a package is loaded with (manifest.json `requires`, shown by `info`): the one
 # source of truth; pyproject's [cpu]/[cuda]/[directml] extras repeat these lower bounds and
@@ -63,6 +64,8 @@ class Manifest:
     # what actually ran: the quantizer's record (method, block size, calibration file + sha256, ...)
     # and the context/KV sizes the package was built for
     recipe: dict[str, Any] = field(default_factory=dict)
+    # a copy of the decoder without the sliding window, exact while a sequence fits it (package.window_free)
+    window_free_decoder: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -74,6 +77,7 @@ class Manifest:
             "requires": self.requires,
             "tool_versions": self.tool_versions,
             "recipe": self.recipe,
+            "window_free_decoder": self.window_free_decoder,
             "files": {k: {"size": v.size, "sha256": v.sha256} for k, v in sorted(self.files.items())},
         }
 
@@ -92,6 +96,7 @@ class Manifest:
             requires=_str_map(data, "requires"),
             source=str(data.get("source", "")),
             recipe=dict(data.get("recipe") or {}),
+            window_free_decoder=data.get("window_free_decoder"),
         )
         _check_fields(manifest)
         return manifest
@@ -134,6 +139,11 @@ def _file_entries(files: dict[str, Any]) -> dict[str, FileEntry]:
 def _check_fields(m: Manifest) -> None:
     """The fields the runtime and eval compute with: positive sizes, known provider and dtype."""
     spec = m.model
+    extra = m.window_free_decoder
+    if extra is not None and (not isinstance(extra, str) or not DECODER_FILE.fullmatch(extra) or extra not in m.files
+                              or spec.attention_window is None):
+        raise ValueError(f"field 'window_free_decoder' must name a .onnx file of the package (and the model have a "
+                         f"sliding window), got {extra!r:.80}")
     sizes = {"max_length": m.max_length, "model.hidden_size": spec.hidden_size, "model.num_layers": spec.num_layers,
              "model.num_heads": spec.num_heads, "model.num_kv_heads": spec.num_kv_heads,
              "model.vocab_size": spec.vocab_size, "model.max_position_embeddings": spec.max_position_embeddings,

@@ -28,6 +28,7 @@ from phi3_onnx.package.genai_config import default_max_length, genai_config
 from phi3_onnx.package.options import ExportOptions
 from phi3_onnx.package.staging import check_destination, preview_destination, staged_folder
 from phi3_onnx.package.verify import available_memory, check_loadable
+from phi3_onnx.package.window_free import WINDOW_FREE_DECODER, wants_window_free, write_window_free
 from phi3_onnx.progress import task
 from phi3_onnx.safety import pause_point, pause_requested
 from phi3_onnx.quantize import QuantizeInput, Quantized, get_quantizer
@@ -146,6 +147,8 @@ def plan_export(model: str, target: str | Target, output: str | os.PathLike,
     graph = build_model(spec, tgt, ckpt)
     weight_bytes = sum(v.const_value.nbytes for v in graph.graph.initializers.values())
     files = ("model.onnx", "model.onnx.data", "genai_config.json", "manifest.json", *(p.name for p in _aux_files(source)))
+    if wants_window_free(spec, tgt):
+        files += (WINDOW_FREE_DECODER,)
     plan = ExportPlan(source, spec, tgt, Path(output), length, weight_bytes, peak, tuple(sorted(files)), options,
                       _awq_ram(spec, tgt))
     return plan, ckpt
@@ -203,13 +206,14 @@ def write_package(plan: ExportPlan, quantized: Quantized, dest: Path, progress: 
         workers = None if pause_requested("export:weights") else SAVE_WORKERS
         ir.save(model, dest / "model.onnx", external_data="model.onnx.data", max_workers=workers,
                 max_in_flight_bytes=1 << 30, callback=lambda tensor, info: _saved(advance, info.total))
+    window_free = write_window_free(dest) if wants_window_free(plan.spec, plan.target) else None
     config = genai_config(plan.spec, plan.target, plan.max_length)
     (dest / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
     _copy_aux(plan.source, dest)
     manifest = Manifest(
         target=plan.target, model=plan.spec, max_length=plan.max_length, files=file_entries(dest),
         tool_versions=_tool_versions(), requires=dict(MIN_VERSIONS), source=plan.spec.name,
-        recipe=_recipe(plan, quantized),
+        recipe=_recipe(plan, quantized), window_free_decoder=window_free,
     )
     write_manifest(dest, manifest)
 

@@ -47,8 +47,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-def check_graph(folder: Path) -> None:
-    """model.onnx parses, and every external-data reference stays inside the package and inside its file.
+def check_graph(folder: Path, name: str = "model.onnx") -> None:
+    """`name` (model.onnx) parses, and every external-data reference stays inside the package and inside its file.
 
     (onnx.checker cannot judge these graphs: it has no schema for ORT's contrib ops, e.g.
     SimplifiedLayerNormalization in the default domain; loading the model in ORT, below, does.)
@@ -57,9 +57,9 @@ def check_graph(folder: Path) -> None:
     from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
 
     try:
-        model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        model = onnx.load(str(folder / name), load_external_data=False)
     except Exception as exc:
-        raise Phi3OnnxError(f"exported model.onnx does not parse: {_first_line(exc)}") from None
+        raise Phi3OnnxError(f"exported {name} does not parse: {_first_line(exc)}") from None
     sizes: dict[str, int] = {}
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):
@@ -68,10 +68,10 @@ def check_graph(folder: Path) -> None:
         if info.location not in sizes:
             path = folder / info.location
             if Path(info.location).is_absolute() or ".." in Path(info.location).parts or not path.is_file():
-                raise Phi3OnnxError(f"exported model.onnx: tensor {tensor.name} points at {info.location!r}, not a package file")
+                raise Phi3OnnxError(f"exported {name}: tensor {tensor.name} points at {info.location!r}, not a package file")
             sizes[info.location] = path.stat().st_size
         if (info.offset or 0) + (info.length or 0) > sizes[info.location]:
-            raise Phi3OnnxError(f"exported model.onnx: tensor {tensor.name} lies past the end of {info.location}")
+            raise Phi3OnnxError(f"exported {name}: tensor {tensor.name} lies past the end of {info.location}")
 
 
 def check_genai(folder: Path, full_load: bool) -> None:
@@ -85,7 +85,8 @@ def check_genai(folder: Path, full_load: bool) -> None:
 
 def check_loadable(folder: Path) -> str:
     """Check the staged package; returns how far it went ('full load' or 'config + tokenizer')."""
-    check_graph(folder)
+    for graph in sorted(p.name for p in folder.glob("*.onnx")):  # model.onnx, and a window-free copy if any
+        check_graph(folder, graph)
     if importlib.util.find_spec("onnxruntime_genai") is None:  # the child imports it, not the exporter
         return "graph only (onnxruntime-genai not installed)"
     weights = sum(p.stat().st_size for p in folder.glob("*.onnx*"))

@@ -124,7 +124,7 @@ class BatchEngine:
     # --- the engine thread -------------------------------------------------------------------
     def _create(self) -> bool:
         try:
-            self._engine = self._og.Engine(self.model._og)
+            self._engine = self._og.Engine(self.model.engine_og_model())
             self.max_batch = int(self._engine.get_capabilities().configured_max_batch_size)
             self.draft_tokens = int(self._engine.max_draft_tokens_per_proposal())
             self._buffer = self._engine.create_event_buffer(4 * self.max_batch + 16)

@@ -5,6 +5,9 @@
   transformers' Phi-3 `generate()` recomputes the whole KV cache once when the sequence first
   grows past the original context; genai cannot rewrite its cache, so we rebuild the Generator
   and re-append the full sequence (one prefill) at that step.
+- Sliding window (package.window_free): a package may hold a window-free decoder that is exact only
+  while the sequence fits the window, and faster. The Generator starts on it and, when the sequence
+  would pass the window, is rebuilt the same way on the windowed decoder (exact at any length).
 - Multi-turn reuse: a new prompt that extends the cached sequence appends only the new tokens;
   one that diverges rewinds to the common prefix first.
 """
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -31,26 +35,37 @@ class GenaiGenerator(Protocol):
     def rewind_to(self, length: int) -> None: ...
 
 
+@dataclass(frozen=True)
+class WindowSwitch:
+    """The decoder to move to once a sequence passes `after` tokens (the first one is exact only up to it)."""
+
+    after: int
+    model: Callable[[], Any]  # the windowed og.Model (loaded on first use)
+
+
 class Decoder:
     """Wraps og.Generator; `append` and `next_token` are its only moves. Not thread-safe."""
 
-    def __init__(self, og_model: Any, make_params: Callable[[], Any], max_length: int, long_after: int | None,
-                 forced: Sequence[int] | None = None) -> None:
-        self._og_model = og_model
+    def __init__(self, og_model: Any, make_params: Callable[[Any], Any], max_length: int, long_after: int | None,
+                 forced: Sequence[int] | None = None, window: WindowSwitch | None = None) -> None:
+        self._first_model = og_model
         self.forced = None if forced is None else [int(t) for t in forced]  # an answer emitted without sampling
-        self._make_params = make_params
+        self._make_params = make_params  # og.Model -> og.GeneratorParams
         self.max_length = max_length
         self._long_after = long_after  # LongRoPE original context, None for plain RoPE
+        self._window = window
+        self.windowed = False  # running on the windowed decoder (window.model)
         self._gen = self._new_generator()
         self._cache_long = False  # cached keys were rotated with long factors
         self._pending = False  # the last sampled token is in the sequence but not yet run
-        self.rebuilds = 0  # LongRoPE cache rebuilds so far
+        self.rebuilds = 0  # cache rebuilds so far (LongRoPE boundary or the move to the windowed decoder)
         self.reused = 0  # prompt tokens served from the cache by the last extend_to
 
     def _new_generator(self) -> GenaiGenerator:
         from phi3_onnx.runtime.deps import import_genai
 
-        return import_genai().Generator(self._og_model, self._make_params())
+        model = self._window.model() if self.windowed else self._first_model
+        return import_genai().Generator(model, self._make_params(model))
 
     def tokens(self) -> list[int]:
         return [int(t) for t in self._gen.get_sequence(0)]
@@ -61,6 +76,12 @@ class Decoder:
     def _needs_long(self, total: int) -> bool:
         return self._long_after is not None and total > self._long_after
 
+    def _needs_windowed(self, total: int) -> bool:
+        return self._window is not None and total > self._window.after and not self.windowed
+
+    def _needs_rebuild(self, total: int) -> bool:
+        return bool(len(self)) and (self._needs_long(total) != self._cache_long or self._needs_windowed(total))
+
     def append(self, ids: Sequence[int]) -> None:
         """Run the model over `ids` after the current sequence; rebuild if they cross the LongRoPE boundary."""
         ids = [int(t) for t in ids]
@@ -70,9 +91,12 @@ class Decoder:
         if total > self.max_length:
             raise Phi3OnnxError(f"prompt needs {total} tokens but the model was loaded with max_length="
                                 f"{self.max_length}; shorten it or load with a larger max_length")
-        if len(self) and self._needs_long(total) != self._cache_long:
+        if self._needs_rebuild(total):
             self._rebuild(self.tokens() + ids)
         else:
+            if self._needs_windowed(total):  # an empty Generator: start it on the windowed decoder
+                self.windowed = True
+                self._gen = self._new_generator()
             self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
             self._cache_long = self._needs_long(total)
         self._pending = False
@@ -91,6 +115,7 @@ class Decoder:
 
     def rewind(self, length: int) -> None:
         if length == 0:
+            self.windowed = False
             self._gen = self._new_generator()
             self._cache_long = False
         else:
@@ -98,8 +123,8 @@ class Decoder:
         self._pending = False
 
     def next_token(self) -> int:
-        """Sample one token; run the pending one first (rebuilding at the LongRoPE boundary)."""
-        if self._pending and self._needs_long(len(self)) != self._cache_long:
+        """Sample one token; run the pending one first (rebuilding at the LongRoPE boundary or the window)."""
+        if self._pending and self._needs_rebuild(len(self)):
             self._rebuild(self.tokens())
         self._gen.generate_next_token()
         self._pending = not self._gen.is_done()
@@ -116,7 +141,9 @@ class Decoder:
         return bool(self._gen.is_done()) or len(self) >= self.max_length
 
     def _rebuild(self, ids: list[int]) -> None:
-        """A fresh Generator over the whole sequence: one prefill, every key rotated alike."""
+        """A fresh Generator over the whole sequence: one prefill, every key rotated alike, on the windowed
+        decoder once the sequence passes the window."""
+        self.windowed = self.windowed or self._needs_windowed(len(ids))
         self._gen = self._new_generator()
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
         self._cache_long = self._needs_long(len(ids))

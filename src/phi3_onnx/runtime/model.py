@@ -20,7 +20,7 @@ from typing import Any, Union
 
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import Manifest
-from phi3_onnx.runtime.decoder import Decoder
+from phi3_onnx.runtime.decoder import Decoder, WindowSwitch
 from phi3_onnx.runtime.deps import import_genai
 from phi3_onnx.runtime.options import speculative_method
 from phi3_onnx.runtime.options import GenerationOptions, find_stop, safe_prefix_len, whole
@@ -99,7 +99,12 @@ class Phi3Model:
         self.speculative = speculative_method(speculative)  # the default for generate/stream/chat
         # the decoder session's intra_op_num_threads (a count; None = genai's default, GPU EPs only)
         self.threads = resolve_threads(package.path, choice.provider, threads)
-        self._og = _load_og_model(package.path, choice.provider, self.max_length, self.max_batch, self.threads)
+        # a package with a window-free decoder (package.window_free) runs it while sequences fit the window
+        self.window_free = package.manifest.window_free_decoder
+        self._og = _load_og_model(package.path, choice.provider, self.max_length, self.max_batch, self.threads,
+                                  self.window_free)
+        self._og_windowed: Any = None if self.window_free else self._og
+        self._load_lock = threading.Lock()
         self._tokenizer = import_genai().Tokenizer(self._og)
         self.stop_token_ids = frozenset(self._stop_ids())
         self._roles: dict[str, bool] = {}  # role -> whether the chat template renders it
@@ -110,6 +115,28 @@ class Phi3Model:
     @property
     def provider(self) -> str:
         return self.choice.provider
+
+    def windowed_og_model(self) -> Any:
+        """The og.Model of the package's own decoder (exact at any length), loaded on first use when the
+        window-free one runs by default; both stay loaded after that (weights held twice)."""
+        with self._load_lock:
+            if self._og_windowed is None:
+                self._og_windowed = _load_og_model(self.path, self.choice.provider, self.max_length, self.max_batch,
+                                                   self.threads)
+            return self._og_windowed
+
+    def window_switch(self, draft_tokens: int = 0) -> WindowSwitch | None:
+        """Where a Generator on the window-free decoder must move to the windowed one: before a step whose
+        tokens (up to `draft_tokens` more with speculative decoding) could pass the window."""
+        window = self.manifest.model.attention_window
+        if self.window_free is None or window is None or self.max_length <= window:
+            return None
+        return WindowSwitch(window - draft_tokens, self.windowed_og_model)
+
+    def engine_og_model(self) -> Any:
+        """The og.Model for genai's batching Engine, which cannot move a request between decoders: the
+        window-free one only when no sequence can pass the window (max_length <= window)."""
+        return self._og if self.window_switch() is None else self.windowed_og_model()
 
     @property
     def context_length(self) -> int:
@@ -222,8 +249,8 @@ class Phi3Model:
 
         plan = self.json_plan(options, prompt_length)
 
-        def params() -> Any:
-            p = og.GeneratorParams(self._og)
+        def params(model: Any) -> Any:
+            p = og.GeneratorParams(model)
             p.set_search_options(**search)
             if options.speculative is not None:
                 p.set_speculative_options(**options.speculative.genai_options())
@@ -234,7 +261,8 @@ class Phi3Model:
         rope = self.manifest.model.longrope
         long_after = self.manifest.model.original_max_position_embeddings if rope is not None else None
         forced = self.continuation_ids(plan.forced) if plan is not None and plan.forced is not None else None
-        return Decoder(self._og, params, self.max_length, long_after, forced)
+        draft = options.speculative.max_draft_tokens if options.speculative is not None else 0
+        return Decoder(self._og, params, self.max_length, long_after, forced, self.window_switch(draft))
 
     def json_plan(self, options: GenerationOptions, prompt_length: int) -> JsonPlan | None:
         """How options.json_schema's answer fits its budget (None without a schema); see runtime.structured."""
@@ -563,8 +591,9 @@ def _check_max_batch(max_batch: int | None) -> int | None:
 
 
 def _load_og_model(path: Path, provider: str, max_length: int, max_batch: int | None = None,
-                   threads: int | None = None) -> Any:
-    """og.Model with the chosen EP, threads and max_length set through og.Config: genai_config.json stays untouched."""
+                   threads: int | None = None, decoder_file: str | None = None) -> Any:
+    """og.Model with the chosen EP, threads, max_length (and another decoder file of the package) set
+    through og.Config: genai_config.json stays untouched."""
     og = import_genai()
     try:
         config = og.Config(str(path))
@@ -576,6 +605,8 @@ def _load_og_model(path: Path, provider: str, max_length: int, max_batch: int | 
             for key, value in _provider_options(path, provider).items():
                 config.set_provider_option(provider, key, str(value))
         overlay: dict[str, Any] = {"search": {"max_length": max_length}}
+        if decoder_file is not None:
+            overlay["model"] = {"decoder": {"filename": decoder_file}}
         if max_batch is not None:  # the batching Engine's slots (runtime.batch); plain Generators ignore it
             overlay["engine"] = {"static_batching": {"max_batch_size": max_batch}}
         config.overlay(json.dumps(overlay))

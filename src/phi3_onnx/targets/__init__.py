@@ -41,6 +41,9 @@ class GraphOptions:
     rotary_in_attention: bool = True  # GQA do_rotary; False: separate RotaryEmbedding nodes
     position_ids_input: bool = False  # DirectML-style graphs take position_ids explicitly
     packed_gate_up: bool = True  # one MatMul + Split for the MLP's gate and up; False: two MatMuls, no Split
+    # also ship a copy of the decoder without GQA's sliding window, over the same weights file, for
+    # sequences that fit the window (see phi3_onnx.package.window_free: CUDA's windowed decode kernel is slower)
+    window_free_decoder: bool = False
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,9 @@ _CPU_GRAPH = GraphOptions()
 # CUDA: packed QKV MatMul and rotary inside GQA, like the CPU graph; gate and up as two MatMulNBits
 # (no Split copy after the GEMV: 401 -> 411 tok/s int4 on an H100, two runs, benchmarks/RESULTS.md).
 # No control flow, so CUDA graphs capture it.
-_CUDA_GRAPH = GraphOptions(packed_gate_up=False)
+# A sliding-window model also gets a window-free decoder copy (package.window_free): ORT's CUDA GQA picks
+# Flash split-KV for a windowed decode at head size 96 (~0.87x the window-free graph's speed).
+_CUDA_GRAPH = GraphOptions(packed_gate_up=False, window_free_decoder=True)
 # DirectML: its GQA does not rotate, and packed QKV is not supported there (the model builder's
 # DML graphs too): separate q/k/v MatMuls, com.microsoft.RotaryEmbedding, position_ids input.
 _DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_ids_input=True, packed_gate_up=False)

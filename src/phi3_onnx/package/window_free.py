@@ -1,0 +1,56 @@
+"""A window-free copy of a sliding-window decoder, over the same weights file (issue 10 item 3).
+
+Phi-3-mini-4k attends over a 2047-token sliding window. On ONNX Runtime's CUDA EP a windowed
+GroupQueryAttention at head size 96 decodes through Flash split-KV, ~13 % slower than the cuDNN
+SDPA path a window-free GQA takes (benchmarks/RESULTS.md). A graph without the window is exact
+while no query can see past the window: while the whole sequence is at most `sliding_window` tokens.
+
+So a CUDA package of such a model holds two decoders: `model.onnx` (windowed: what genai_config names,
+exact at any length, what plain onnxruntime-genai users run) and `model.nowindow.onnx`, the same graph
+with `local_window_size=-1` and the same `model.onnx.data`. `phi3_onnx.runtime` runs the window-free one
+and moves a sequence to the windowed one (one re-prefill) when it would pass the window.
+
+With head sizes ORT's XQA decode kernel takes (64, 128, 256) the window costs nothing (Phi-3-medium:
+1.00x the builder with the window), so those packages get no copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+
+from phi3_onnx.spec import ModelSpec
+from phi3_onnx.targets import Target
+
+WINDOW_FREE_DECODER = "model.nowindow.onnx"
+XQA_HEAD_SIZES = (64, 128, 256)
+
+
+def wants_window_free(spec: ModelSpec, target: Target) -> bool:
+    """Whether a package of `spec` for `target` gets the window-free decoder copy."""
+    return (target.graph.window_free_decoder and spec.attention_window is not None
+            and spec.head_dim not in XQA_HEAD_SIZES)
+
+
+def write_window_free(folder: Path) -> str:
+    """Write `folder`/model.nowindow.onnx: model.onnx with every GQA window removed; returns its file name.
+
+    Only the graph proto is read and written (external weights stay references to model.onnx.data).
+    """
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    changed = 0
+    for node in model.graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        for attr in node.attribute:
+            if attr.name == "local_window_size" and attr.i != -1:
+                attr.i = -1
+                changed += 1
+    if not changed:
+        raise ValueError(f"{folder / 'model.onnx'} has no windowed GroupQueryAttention")
+    onnx.save(model, str(folder / WINDOW_FREE_DECODER))
+    return WINDOW_FREE_DECODER
+
+
+__all__ = ["WINDOW_FREE_DECODER", "wants_window_free", "write_window_free"]

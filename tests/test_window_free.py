@@ -1,0 +1,123 @@
+"""The window-free decoder copy of sliding-window CUDA packages (issue 10 item 3, package.window_free).
+
+A CUDA package of a sliding-window model holds model.onnx (GQA with the window) and model.nowindow.onnx
+(the same graph and weights file without it, exact only while a sequence fits the window). The runtime
+runs the window-free one and moves to the windowed one before a sequence passes the window. Checked on
+the tiny trained weights with a 100-token window: the two graphs differ in nothing but the window;
+their logits agree inside the window and not past it; greedy text through the runtime, crossing the
+window, equals transformers' (fp32: a CPU target given the CUDA graph's option), with and without
+n-gram speculative decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from phi3_onnx import export
+from phi3_onnx.manifest import read_manifest
+from phi3_onnx.package.window_free import WINDOW_FREE_DECODER, wants_window_free
+from phi3_onnx.runtime import load
+from phi3_onnx.spec import ModelSpec
+from phi3_onnx.targets import TARGETS
+from test_export import _empty_past, _ids, _reference, _torch_greedy_cached
+
+WINDOW = 100  # tiny_sliding_ckpt's sliding_window
+
+
+@pytest.fixture(scope="module")
+def fp32_dual(tiny_sliding_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """fp32-cpu with the CUDA targets' window-free copy turned on: exact numerics against transformers."""
+    fp32 = TARGETS["fp32-cpu"]
+    target = dataclasses.replace(fp32, name="fp32-cpu", graph=dataclasses.replace(fp32.graph, window_free_decoder=True))
+    return export(tiny_sliding_ckpt, target, tmp_path_factory.mktemp("wf") / "fp32-dual")
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+@pytest.mark.parametrize("target", ["int4-cuda", "fp16-cuda", "int4-awq-cuda"])
+def test_cuda_packages_hold_a_window_free_copy(exported, tiny_sliding_ckpt: Path, target: str) -> None:
+    pkg = exported(target, tiny_sliding_ckpt)
+    assert read_manifest(pkg).window_free_decoder == WINDOW_FREE_DECODER
+    main = onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph
+    free = onnx.load(str(pkg / WINDOW_FREE_DECODER), load_external_data=False).graph
+    assert len(main.node) == len(free.node)
+    windows = set()
+    for a, b in zip(main.node, free.node):
+        assert (a.name, a.op_type, list(a.input), list(a.output)) == (b.name, b.op_type, list(b.input), list(b.output))
+        attrs_a, attrs_b = _attrs(a), _attrs(b)
+        if a.op_type == "GroupQueryAttention":
+            windows.add((attrs_a.pop("local_window_size"), attrs_b.pop("local_window_size")))
+        assert attrs_a == attrs_b
+    assert windows == {(WINDOW, -1)}
+    # the same initializers, pointing at the same bytes of the one weights file
+    assert [(i.name, list(i.external_data)) for i in main.initializer] == [(i.name, list(i.external_data)) for i in free.initializer]
+    assert sorted(p.name for p in pkg.glob("*.data")) == ["model.onnx.data"]
+
+
+def test_no_copy_where_it_would_not_help(exported, tiny_ckpt: Path, tiny_sliding_ckpt: Path) -> None:
+    assert read_manifest(exported("int4-cuda", tiny_ckpt)).window_free_decoder is None  # no window at all
+    assert read_manifest(exported("int4-cpu", tiny_sliding_ckpt)).window_free_decoder is None  # CPU graph
+    capped = exported("int4-cuda", tiny_sliding_ckpt, context_length=WINDOW)  # the context fits the window
+    assert read_manifest(capped).window_free_decoder is None and not (capped / WINDOW_FREE_DECODER).exists()
+    mini4k = ModelSpec(hidden_size=3072, intermediate_size=8192, num_layers=32, num_heads=32, num_kv_heads=32,
+                       vocab_size=32064, max_position_embeddings=4096, original_max_position_embeddings=4096,
+                       sliding_window=2047)
+    assert wants_window_free(mini4k, TARGETS["int4-cuda"]) and wants_window_free(mini4k, TARGETS["fp16-cuda"])
+    medium = dataclasses.replace(mini4k, hidden_size=5120, num_heads=40, num_kv_heads=10)  # head 128: XQA takes windows
+    assert not wants_window_free(medium, TARGETS["int4-cuda"])
+    assert not wants_window_free(mini4k, TARGETS["int4-awq-dml"])
+
+
+def test_the_two_graphs_agree_inside_the_window_only(fp32_dual: Path) -> None:
+    ids = _ids(160, seed=7)
+    logits = {}
+    for name in ("model.onnx", WINDOW_FREE_DECODER):
+        sess = ort.InferenceSession(str(fp32_dual / name), providers=["CPUExecutionProvider"])
+        logits[name] = sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), **_empty_past(sess)})[0][0]
+    diff = np.abs(logits["model.onnx"] - logits[WINDOW_FREE_DECODER]).max(axis=-1)
+    assert diff[:WINDOW].max() < 1e-4  # no query inside the window sees past it
+    assert diff[WINDOW:].min() > 1e-3  # past it, every query would see keys the window hides
+
+
+@pytest.mark.parametrize("speculative", [None, "ngram"])
+def test_runtime_greedy_across_the_window_equals_transformers(fp32_dual: Path, tiny_sliding_ckpt: Path,
+                                                              speculative: str | None) -> None:
+    model = load(fp32_dual, device="cpu", max_length=256)
+    assert model.window_free == WINDOW_FREE_DECODER
+    prompt = _ids(30, seed=3)[0].tolist()
+    options = model.options(max_new_tokens=170, min_new_tokens=170, speculative=speculative)
+    decoder = model.new_decoder(options, len(prompt))
+    got = []
+    for token in model.token_ids(decoder, prompt, options):
+        got.append(token)
+        if len(prompt) + len(got) < WINDOW - 4:
+            assert not decoder.windowed  # still on the window-free decoder
+    assert decoder.windowed and decoder.rebuilds == 1  # moved once, before passing the window
+    ref = _torch_greedy_cached(_reference(tiny_sliding_ckpt), np.array([prompt]), 170, tuple(model.stop_token_ids))
+    assert got == ref
+
+
+def test_a_prompt_longer_than_the_window_starts_on_the_windowed_decoder(fp32_dual: Path, tiny_sliding_ckpt: Path) -> None:
+    model = load(fp32_dual, device="cpu", max_length=256)
+    prompt = _ids(120, seed=4)[0].tolist()
+    options = model.options(max_new_tokens=20, min_new_tokens=20)
+    decoder = model.new_decoder(options, len(prompt))
+    got = list(model.token_ids(decoder, prompt, options))
+    assert decoder.windowed and decoder.rebuilds == 0
+    assert got == _torch_greedy_cached(_reference(tiny_sliding_ckpt), np.array([prompt]), 20, tuple(model.stop_token_ids))
+
+
+def test_engine_and_short_loads_pick_the_right_decoder(fp32_dual: Path) -> None:
+    short = load(fp32_dual, device="cpu", max_length=WINDOW)  # no sequence can pass the window
+    assert short.window_switch() is None and short.engine_og_model() is short._og
+    long = load(fp32_dual, device="cpu", max_length=256)
+    assert long.window_switch().after == WINDOW
+    assert long.engine_og_model() is long.windowed_og_model() is not long._og  # the Engine cannot move a request
