@@ -5,6 +5,8 @@ usage:
   gpu_checks.py longrope WORK                LongRoPE switch under CUDA graphs (padded mask)
   gpu_checks.py dml WORK                     int4-awq-dml graph on the CUDA EP vs the CPU EP
   gpu_checks.py window WORK                  sliding window (tiny, window 100) under CUDA graphs vs the CPU EP
+  gpu_checks.py cross MODEL PROMPT MAX_LEN    phi3_onnx.runtime greedy from PROMPT to MAX_LEN: step times before / at / after the window move
+  gpu_checks.py dual WORK                    the runtime's window-free -> windowed move (tiny, window 100), CUDA graphs on
   gpu_checks.py runtime WORK                 phi3_onnx.runtime.load on this machine: EP choice, bundle variant, text
   gpu_checks.py awq WORK                     int4-awq-cuda export (AWQ on the GPU) + `phi3-onnx eval` on the CUDA EP
   gpu_checks.py profile MODEL PROMPT NEW     per-op-type GPU time (ORT profiling, CUDA graph off)
@@ -82,6 +84,33 @@ def cmd_long(model: str, prompt: str, max_len: str, mode: str = "graph", save: s
     except Exception as exc:  # the builder's graph is expected to fail here past its window
         result(check="long", model=Path(model).name, graph=mode, prompt=int(prompt), max_length=int(max_len),
                ok=False, error=str(exc).splitlines()[0][:300])
+
+
+def cmd_cross(model: str, prompt: str, max_len: str) -> None:
+    """A full-size package through phi3_onnx.runtime across the sliding window: decode tok/s on the
+    window-free decoder, the one step that moves to the windowed decoder (a re-prefill), tok/s after."""
+    from phi3_onnx.runtime import load
+
+    m = load(model, max_length=int(max_len))
+    ids = np.random.default_rng(1).integers(100, min(30000, m.manifest.model.vocab_size), size=int(prompt)).tolist()
+    new = int(max_len) - len(ids)
+    decoder = m.new_decoder(m.options(max_new_tokens=new, min_new_tokens=new), len(ids))
+    decoder.append(ids)
+    times, moved_at = [], None
+    for i in range(new):
+        t = time.perf_counter()
+        decoder.next_token()
+        times.append(time.perf_counter() - t)
+        if moved_at is None and decoder.windowed:
+            moved_at = i
+    if moved_at is None:
+        result(check="cross", model=Path(model).name, ok=False, error="never moved to the windowed decoder")
+        return
+    before, after = times[1:moved_at], times[moved_at + 1:]
+    result(check="cross", model=Path(model).name, ok=len(decoder) == int(max_len), tokens=len(decoder),
+           moved_at_length=len(ids) + moved_at + 1, move_step_ms=round(times[moved_at] * 1000, 1),
+           tok_s_window_free=round(len(before) / sum(before), 1), tok_s_windowed=round(len(after) / sum(after), 1),
+           rebuilds=decoder.rebuilds)
 
 
 def tiny_longrope_ckpt(work: Path) -> Path:
@@ -167,6 +196,33 @@ def cmd_window(work: str) -> None:
         agree = cpu_teacher_forced_argmax(pkg, seq[:-1], 16)[15:] == seq[16:]
         result(check="window", target=target, window=100, generated=len(seq),
                cpu_agree_inside_window=float(agree[: 100 - 16].mean()), cpu_agree_past_window=float(agree[100 - 16 :].mean()))
+
+
+def cmd_dual(work: str) -> None:
+    """The window-free decoder copy (package.window_free) on the CUDA EP: phi3_onnx.runtime greedy from a
+    16-token prompt to 480 tokens (CUDA graphs on; it moves to the windowed decoder before token 101), then
+    the CPU EP teacher-forced on the windowed graph over the same tokens, as `window` does for one graph."""
+    from phi3_onnx import export
+    from phi3_onnx.runtime import load
+
+    from helpers import TINY_PHI3, make_variant
+
+    ckpt = make_variant(TINY_PHI3, Path(work) / "tiny-sw100", sliding_window=100)
+    prompt = np.random.default_rng(5).integers(3, 2000, size=16)
+    for target in ("fp16-cuda", "int4-cuda"):
+        pkg = export(ckpt, target, Path(work) / f"dual-{target}", force=True, max_length=512)
+        model = load(pkg)
+        options = model.options(max_new_tokens=464, min_new_tokens=464)
+        decoder = model.new_decoder(options, 16)
+        got = list(model.token_ids(decoder, prompt.tolist(), options))
+        seq = np.concatenate([prompt, np.array(got)])
+        agree = cpu_teacher_forced_argmax(pkg, seq[:-1], 16)[15:] == seq[16:]
+        windowed_only, _, _ = generate(pkg, prompt, 480)
+        same = seq == windowed_only[: len(seq)]
+        result(check="dual", target=target, provider=model.provider, decoder=model.window_free, moved=decoder.windowed,
+               rebuilds=decoder.rebuilds, generated=len(seq), cpu_agree_inside_window=float(agree[: 100 - 16].mean()),
+               cpu_agree_past_window=float(agree[100 - 16 :].mean()),
+               same_as_windowed_only=float(same.mean()), first_difference=int(np.argmax(~same)) if (~same).any() else None)
 
 
 def cmd_runtime(work: str) -> None:
@@ -255,5 +311,5 @@ def cmd_profile(model: str, prompt: str, new: str) -> None:
 
 
 if __name__ == "__main__":
-    commands = {"long": cmd_long, "longrope": cmd_longrope, "dml": cmd_dml, "window": cmd_window, "runtime": cmd_runtime, "awq": cmd_awq, "profile": cmd_profile}
+    commands = {"long": cmd_long, "longrope": cmd_longrope, "dml": cmd_dml, "window": cmd_window, "dual": cmd_dual, "cross": cmd_cross, "runtime": cmd_runtime, "awq": cmd_awq, "profile": cmd_profile}
     commands[sys.argv[1]](*sys.argv[2:])
