@@ -41,6 +41,7 @@ class GraphOptions:
     rotary_in_attention: bool = True  # GQA do_rotary; False: separate RotaryEmbedding nodes
     position_ids_input: bool = False  # DirectML-style graphs take position_ids explicitly
     packed_gate_up: bool = True  # one MatMul + Split for the MLP's gate and up; False: two MatMuls, no Split
+    moe_op: bool = True  # Phi-3.5-MoE experts in com.microsoft MoE/QMoE; False: plain ops (graph/moe.py)
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ _CPU_GRAPH = GraphOptions()
 _CUDA_GRAPH = GraphOptions(packed_gate_up=False)
 # DirectML: its GQA does not rotate, and packed QKV is not supported there (the model builder's
 # DML graphs too): separate q/k/v MatMuls, com.microsoft.RotaryEmbedding, position_ids input.
-_DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_ids_input=True, packed_gate_up=False)
+# DirectML has no MoE/QMoE kernel: Phi-3.5-MoE's experts run as plain MatMulNBits (graph/moe.py).
+_DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_ids_input=True, packed_gate_up=False,
+                          moe_op=False)
 # MatMulNBits accuracy_level on GPUs: 0 (unset), as the model builder writes for CUDA/DML. ORT's CUDA
 # MatMulNBits never reads the attribute (fp16 compute); 4 (int8 compute) is a CPU (MLAS) path.
 _GPU_LEVEL = 0
