@@ -96,12 +96,12 @@ def make_padded_vocab(src: Path, dst: Path, vocab_size: int) -> Path:
 def phimoe_like(**override: Any) -> dict[str, Any]:
     """Phi-3.5-MoE's architecture at a tiny size: LayerNorm, q/k/v/o and lm_head biases, 4 experts with
     sparsemixer top-2 routing (jitter eps 0.01), GQA 4/2, no sliding window, plain RoPE (see phimoe_longrope)."""
-    cfg: dict[str, Any] = dict(
-        vocab_size=2064, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.01,
-        max_position_embeddings=1024, attention_bias=True, lm_head_bias=True, bos_token_id=1, eos_token_id=2048,
-        pad_token_id=2048, sliding_window=None, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-    )
+    cfg: dict[str, Any] = {
+        "vocab_size": 2064, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "router_jitter_noise": 0.01,
+        "max_position_embeddings": 1024, "attention_bias": True, "lm_head_bias": True, "bos_token_id": 1, "eos_token_id": 2048,
+        "pad_token_id": 2048, "sliding_window": None, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
     cfg.update(override)
     return cfg
 

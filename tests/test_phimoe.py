@@ -26,18 +26,22 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
+from helpers import make_random_phimoe, phimoe_like, phimoe_longrope
+from test_export import _assert_close, _empty_past, _ids, _session
 from transformers import DynamicCache, PhimoeForCausalLM
 from transformers.models.phimoe import modeling_phimoe
 
-from helpers import make_random_phimoe, phimoe_like, phimoe_longrope
 from phi3_onnx import export
-from phi3_onnx.checkpoint import SafetensorsCheckpoint, spec_from_config, spec_from_folder
+from phi3_onnx.checkpoint import (
+    SafetensorsCheckpoint,
+    spec_from_config,
+    spec_from_folder,
+)
 from phi3_onnx.checkpoint.phimoe_tensors import parse_phimoe_name
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import read_manifest
 from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
 from phi3_onnx.targets import TARGETS
-from test_export import _assert_close, _empty_past, _ids, _session
 
 VOCAB = 2064
 

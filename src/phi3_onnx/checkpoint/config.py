@@ -272,5 +272,5 @@ def _phimoe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     eps = cfg.get("router_jitter_noise", 0.01)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
         raise Phi3OnnxError(f"config.json: router_jitter_noise must be a finite number >= 0, got {eps!r}")
-    return dict(architecture="PhimoeForCausalLM", norm="layer", attention_bias=_bool(cfg, "attention_bias", False),
-                lm_head_bias=_bool(cfg, "lm_head_bias", False), moe=MoeSpec(experts, top_k, float(eps)))
+    return {"architecture": "PhimoeForCausalLM", "norm": "layer", "attention_bias": _bool(cfg, "attention_bias", False),
+            "lm_head_bias": _bool(cfg, "lm_head_bias", False), "moe": MoeSpec(experts, top_k, float(eps))}

@@ -28,7 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from phi3_onnx.checkpoint.tensors import TensorKey, TensorShapes, _check_layers, tensor_name
+from phi3_onnx.checkpoint.tensors import (
+    TensorKey,
+    TensorShapes,
+    _check_layers,
+    tensor_name,
+)
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.spec import ModelSpec
 
@@ -54,8 +59,8 @@ def _n_experts(s: ModelSpec) -> int:
     return s.moe.num_experts
 
 
-_H = lambda s: (s.hidden_size,)  # noqa: E731
-_ATTN_BIAS = lambda s: s.attention_bias  # noqa: E731
+_H = lambda s: (s.hidden_size,)
+_ATTN_BIAS = lambda s: s.attention_bias
 _P = "model.layers.{layer}"
 PHIMOE_TENSORS: tuple[PhimoeTensor, ...] = (
     PhimoeTensor("embed_tokens", "model.embed_tokens.weight", lambda s: (s.vocab_size, s.hidden_size)),

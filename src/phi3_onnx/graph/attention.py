@@ -9,7 +9,13 @@ import numpy as np
 import onnx_ir as ir
 
 from phi3_onnx.checkpoint.tensors import tensor_name
-from phi3_onnx.graph.builder import MS_DOMAIN, Context, WeightRef, make_bias_add, make_linear
+from phi3_onnx.graph.builder import (
+    MS_DOMAIN,
+    Context,
+    WeightRef,
+    make_bias_add,
+    make_linear,
+)
 from phi3_onnx.graph.rope import rope_caches
 from phi3_onnx.spec import ModelSpec
 

@@ -66,7 +66,7 @@ def make_router(ctx: Context, layer: int, x: ir.Value) -> Routing:
         x = b.op("Cast", [x], f"{p}/x_fp32", to=ir.DataType.FLOAT)
     logits = b.op("MatMul", [x, _router_weight(ctx, layer)], f"{p}/MatMul")
     n = s.moe.num_experts
-    c = lambda name, a: b.const(f"{p}/{name}", a)  # noqa: E731
+    c = lambda name, a: b.const(f"{p}/{name}", a)
     experts = c("expert_ids", np.arange(n, dtype=np.int64))
     neg_inf, zero = c("neg_inf", np.array(-np.inf, np.float32)), c("zero", np.array(0.0, np.float32))
     two_eps = c("two_eps", np.array(2 * s.moe.router_jitter_eps, np.float32))
@@ -160,7 +160,7 @@ def _int4_experts(ctx: Context, layer: int, part: str) -> tuple[ir.Value, ir.Val
         return _Stacked(packed, scales)
 
     parts = frozenset({"packed", "scales"})
-    take = lambda name: lambda: ctx.int4.take(key, name, parts, quantized)  # noqa: E731
+    take = lambda name: lambda: ctx.int4.take(key, name, parts, quantized)
     packed = ctx.b.lazy(f"{key}_Q4", take("packed"), ir.DataType.UINT8, (n_exp, n, k // 2))
     scales = ctx.b.lazy(f"{key}_scales", take("scales"), ctx.dtype, (n_exp, n, k // bs))
     return packed, scales
@@ -175,8 +175,8 @@ def qmoe_fits(ctx: Context) -> bool:
 # ----------------------------------------------------------------------------- the block
 
 
-_OP_ATTRS = dict(k=2, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
-                 normalize_routing_weights=1, use_sparse_mixer=0)
+_OP_ATTRS = {"k": 2, "activation_type": "swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0,
+             "normalize_routing_weights": 1, "use_sparse_mixer": 0}
 
 
 def make_moe_op(ctx: Context, layer: int, x: ir.Value, routing: Routing) -> ir.Value:
