@@ -142,10 +142,10 @@ def main() -> int:
     import onnx
     import onnxruntime as ort
     import torch
-
     from helpers import make_random_phimoe, phimoe_longrope
-    from phi3_onnx import export
     from test_phimoe import _dequantized_model, _reference
+
+    from phi3_onnx import export
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--keep", type=Path, help="write the checkpoint and packages here (default: a temp folder)")
