@@ -91,3 +91,46 @@ def make_padded_vocab(src: Path, dst: Path, vocab_size: int) -> Path:
                 tensors[name] = torch.cat([t, pad])
         save_file(tensors, shard, metadata={"format": "pt"})
     return dst
+
+
+def phimoe_like(**override: Any) -> dict[str, Any]:
+    """Phi-3.5-MoE's architecture at a tiny size: LayerNorm, q/k/v/o and lm_head biases, 4 experts with
+    sparsemixer top-2 routing (jitter eps 0.01), GQA 4/2, no sliding window, plain RoPE (see phimoe_longrope)."""
+    cfg: dict[str, Any] = {
+        "vocab_size": 2064, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "router_jitter_noise": 0.01,
+        "max_position_embeddings": 1024, "attention_bias": True, "lm_head_bias": True, "bos_token_id": 1, "eos_token_id": 2048,
+        "pad_token_id": 2048, "sliding_window": None, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
+    }
+    cfg.update(override)
+    return cfg
+
+
+def phimoe_longrope(**override: Any) -> dict[str, Any]:
+    """phimoe_like with LongRoPE past an original context of 64 and distinct short/long mscales (1.1 / 1.3)."""
+    half = 16  # head_dim 32
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0 + 0.02 * i for i in range(half)], "long_factor": [1.0 + 0.5 * i for i in range(half)],
+            "short_mscale": 1.1, "long_mscale": 1.3}
+    return phimoe_like(rope_parameters=rope, **override)
+
+
+def make_random_phimoe(dst: Path, seed: int = 0, **config: Any) -> Path:
+    """A random-weight PhimoeForCausalLM (saved in the hub layout: block_sparse_moe.experts.E.w1/w2/w3) with
+    the tiny asset's tokenizer. Weights are spread x3 and biases drawn N(0, 0.1) so both matter in the logits."""
+    import torch
+    from transformers import PhimoeConfig, PhimoeForCausalLM
+
+    dst = Path(dst)
+    torch.manual_seed(seed)
+    model = PhimoeForCausalLM(PhimoeConfig(**config)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.mul_(3.0)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    model.save_pretrained(dst, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy2(TINY_PHI3 / name, dst / name)
+    return dst

@@ -19,6 +19,21 @@ class LongRope:
     short_factor: tuple[float, ...]
     long_factor: tuple[float, ...]
     attention_factor: float  # multiplies cos/sin; transformers' default is sqrt(1 + ln(s)/ln(orig))
+    # Phi-3.5-MoE: long_mscale scales the long rows (attention_factor = short_mscale the short ones); None: the same
+    long_attention_factor: float | None = None
+
+    @property
+    def long_scale(self) -> float:
+        return self.attention_factor if self.long_attention_factor is None else self.long_attention_factor
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """Phi-3.5-MoE's sparse MLP: `num_experts` SwiGLU experts, `top_k` of them per token, chosen by sparsemixer."""
+
+    num_experts: int
+    top_k: int
+    router_jitter_eps: float  # sparsemixer's threshold: experts within 2*eps (relative) of the max stay in its softmax
 
 
 @dataclass(frozen=True)
@@ -43,6 +58,11 @@ class ModelSpec:
     eos_token_ids: tuple[int, ...] = (32000,)
     pad_token_id: int = 32000
     name: str = "phi3"
+    architecture: str = "Phi3ForCausalLM"
+    norm: str = "rms"  # "rms" (Phi-3: RMSNorm) | "layer" (Phi-3.5-MoE: LayerNorm with bias)
+    attention_bias: bool = False  # q/k/v/o projections carry biases
+    lm_head_bias: bool = False
+    moe: MoeSpec | None = None  # the MLP is a mixture of experts (Phi-3.5-MoE)
 
     @property
     def head_dim(self) -> int:
@@ -80,15 +100,20 @@ class ModelSpec:
         return self.sliding_window
 
     def num_params(self) -> int:
+        experts = 1 if self.moe is None else self.moe.num_experts
+        router = 0 if self.moe is None else self.moe.num_experts * self.hidden_size
+        norms = 2 if self.norm == "rms" else 4  # LayerNorm has a bias too
         per_layer = (
             self.hidden_size * self.qkv_dim
             + self.hidden_size * self.hidden_size
-            + self.hidden_size * 2 * self.intermediate_size
-            + self.intermediate_size * self.hidden_size
-            + 2 * self.hidden_size
+            + experts * 3 * self.intermediate_size * self.hidden_size
+            + router
+            + norms * self.hidden_size
+            + (self.qkv_dim + self.hidden_size if self.attention_bias else 0)
         )
-        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-        return self.vocab_size * self.hidden_size + self.num_layers * per_layer + self.hidden_size + head
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size + (self.vocab_size if self.lm_head_bias else 0)
+        final_norm = self.hidden_size * (1 if self.norm == "rms" else 2)
+        return self.vocab_size * self.hidden_size + self.num_layers * per_layer + final_norm + head
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -102,10 +127,14 @@ class ModelSpec:
                 short_factor=tuple(rope["short_factor"]),
                 long_factor=tuple(rope["long_factor"]),
                 attention_factor=float(rope["attention_factor"]),
+                long_attention_factor=None if rope.get("long_attention_factor") is None else float(rope["long_attention_factor"]),
             )
+        moe = data.pop("moe", None)
+        if moe is not None:
+            data["moe"] = MoeSpec(int(moe["num_experts"]), int(moe["top_k"]), float(moe["router_jitter_eps"]))
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(longrope=rope, **{k: v for k, v in data.items() if k in known})
 
 
-__all__ = ["LongRope", "ModelSpec"]
+__all__ = ["LongRope", "ModelSpec", "MoeSpec"]

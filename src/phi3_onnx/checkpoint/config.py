@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from phi3_onnx.errors import Phi3OnnxError
-from phi3_onnx.spec import LongRope, ModelSpec
+from phi3_onnx.spec import LongRope, ModelSpec, MoeSpec
 
-SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "PhimoeForCausalLM", "PhiMoEForCausalLM")
+# model_type -> the architectures it may name (the hub's Phi-3.5-MoE config spells it PhiMoEForCausalLM)
+_MODEL_TYPES = {"phi3": ("Phi3ForCausalLM",), "phimoe": ("PhimoeForCausalLM", "PhiMoEForCausalLM")}
 _UNSUPPORTED_HINTS = {
     "Phi3SmallForCausalLM": "Phi-3-small (blocksparse attention) is not supported yet",
     "Phi3VForCausalLM": "Phi-3-vision is not supported yet",
-    "PhiMoEForCausalLM": "Phi-3.5-MoE is not supported yet",
-    "PhimoeForCausalLM": "Phi-3.5-MoE is not supported yet",
 }
 
 
@@ -80,12 +80,17 @@ def _check_architecture(cfg: dict[str, Any]) -> None:
         if arch in _UNSUPPORTED_HINTS:
             raise Phi3OnnxError(f"{arch}: {_UNSUPPORTED_HINTS[arch]}")
     model_type = cfg.get("model_type")
-    if model_type is not None and model_type != "phi3" or archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    known = _MODEL_TYPES.get(model_type, ()) if model_type is not None else SUPPORTED_ARCHITECTURES
+    if model_type is not None and model_type not in _MODEL_TYPES or archs and not any(a in known for a in archs):
         found = ", ".join(archs) or str(model_type)
         raise Phi3OnnxError(f"unsupported architecture {found} (model_type {model_type!r}): "
-                            "phi3-onnx exports Phi3ForCausalLM checkpoints (model_type phi3)")
+                            "phi3-onnx exports Phi3ForCausalLM (model_type phi3) and PhimoeForCausalLM (model_type phimoe) checkpoints")
     if not archs and model_type is None:
         raise Phi3OnnxError("config.json names neither architectures nor model_type: not a Phi-3 config")
+
+
+def _is_phimoe(cfg: dict[str, Any]) -> bool:
+    return cfg.get("model_type") == "phimoe" or any(a in _MODEL_TYPES["phimoe"] for a in cfg.get("architectures") or [])
 
 
 _MISSING = object()
@@ -147,9 +152,9 @@ def _check_activation(cfg: dict[str, Any]) -> None:
         raise Phi3OnnxError(f"config.json: hidden_act {act!r} is not supported (Phi-3 uses silu)")
 
 
-def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+def _rope_params(cfg: dict[str, Any], default_theta: float = 10000.0) -> dict[str, Any]:
     """Merge the transformers-4 (`rope_scaling` + top-level keys) and -5 (`rope_parameters`) forms."""
-    merged: dict[str, Any] = {"rope_theta": cfg.get("rope_theta", 10000.0), "rope_type": "default"}
+    merged: dict[str, Any] = {"rope_theta": cfg.get("rope_theta", default_theta), "rope_type": "default"}
     for key in ("rope_scaling", "rope_parameters"):
         block = cfg.get(key)
         if isinstance(block, dict):
@@ -183,8 +188,12 @@ def _factors(rope: dict[str, Any], key: str, count: int) -> tuple[float, ...]:
     return tuple(float(v) for v in values)
 
 
-def _longrope(rope: dict[str, Any], max_pos: int, rotary_dim: int, orig: int) -> LongRope:
+def _longrope(rope: dict[str, Any], max_pos: int, rotary_dim: int, orig: int, phimoe: bool = False) -> LongRope:
     short, long = _factors(rope, "short_factor", rotary_dim // 2), _factors(rope, "long_factor", rotary_dim // 2)
+    if phimoe:  # Phimoe's rotary scales cos/sin by short_mscale / long_mscale (both required), never attention_factor
+        if rope.get("short_mscale") is None or rope.get("long_mscale") is None:
+            raise Phi3OnnxError("config.json: a Phi-3.5-MoE longrope config needs short_mscale and long_mscale")
+        return LongRope(short, long, _float(rope, "short_mscale", 1.0), _float(rope, "long_mscale", 1.0))
     factor = _float(rope, "factor", max_pos / orig)
     attn = rope.get("attention_factor")
     if attn is None:
@@ -203,7 +212,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: li
     head_dim = hidden // heads
     if cfg.get("head_dim") is not None and cfg.get("head_dim") != head_dim:
         raise Phi3OnnxError(f"config.json: head_dim {cfg['head_dim']!r} != hidden_size/num_attention_heads is not supported")
-    rope = _rope_params(cfg)
+    rope = _rope_params(cfg, 1e6 if _is_phimoe(cfg) else 10000.0)  # PhimoeConfig.default_theta is 1e6
     partial = _partial_rotary(rope, cfg, hidden // heads)
     max_pos = _int(cfg, "max_position_embeddings")
     orig_key = "original_max_position_embeddings"
@@ -219,6 +228,7 @@ def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: li
     if not isinstance(tied, bool):
         raise Phi3OnnxError(f"config.json: tie_word_embeddings must be true or false, got {tied!r}")
     window = cfg.get("sliding_window")
+    phimoe = _is_phimoe(cfg)
     return ModelSpec(
         hidden_size=hidden,
         intermediate_size=_int(cfg, "intermediate_size"),
@@ -228,14 +238,39 @@ def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: li
         vocab_size=vocab,
         max_position_embeddings=max_pos,
         original_max_position_embeddings=orig,
-        rope_theta=_float(rope, "rope_theta", 10000.0),
+        rope_theta=_float(rope, "rope_theta", 1e6 if phimoe else 10000.0),
         rms_norm_eps=_float(cfg, "rms_norm_eps", 1e-5),
         sliding_window=_int(cfg, "sliding_window") if window else None,
-        longrope=_longrope(rope, max_pos, int(hidden // heads * partial), orig) if rope["rope_type"] == "longrope" else None,
+        longrope=_longrope(rope, max_pos, int(hidden // heads * partial), orig, phimoe) if rope["rope_type"] == "longrope" else None,
         partial_rotary_factor=partial,
         tie_word_embeddings=tied,
         bos_token_id=bos,
         eos_token_ids=tuple(eos),
         pad_token_id=pad,
         name=name,
+        **(_phimoe_fields(cfg) if phimoe else {}),
     )
+
+
+def _bool(cfg: dict[str, Any], key: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise Phi3OnnxError(f"config.json: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _phimoe_fields(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What PhimoeConfig adds: LayerNorm (eps = rms_norm_eps), biases, and the sparsemixer-routed experts.
+
+    input_jitter_noise only perturbs training inputs; router_jitter_noise is sparsemixer's inference threshold.
+    """
+    experts, top_k = _int(cfg, "num_local_experts", 16), _int(cfg, "num_experts_per_tok", 2)
+    if top_k != 2:
+        raise Phi3OnnxError(f"config.json: num_experts_per_tok {top_k} is not supported (Phi-3.5-MoE's sparsemixer routes to 2 experts)")
+    if experts < 2:
+        raise Phi3OnnxError(f"config.json: num_local_experts must be >= 2, got {experts}")
+    eps = cfg.get("router_jitter_noise", 0.01)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+        raise Phi3OnnxError(f"config.json: router_jitter_noise must be a finite number >= 0, got {eps!r}")
+    return {"architecture": "PhimoeForCausalLM", "norm": "layer", "attention_bias": _bool(cfg, "attention_bias", False),
+            "lm_head_bias": _bool(cfg, "lm_head_bias", False), "moe": MoeSpec(experts, top_k, float(eps))}

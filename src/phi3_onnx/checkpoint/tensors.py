@@ -109,6 +109,10 @@ def parse_name(name: str) -> TensorKey:
 
 def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
     """The Hugging Face tensor names and shapes a checkpoint of this spec must contain."""
+    if spec.moe is not None:  # Phi-3.5-MoE has its own table (checkpoint/phimoe_tensors.py)
+        from phi3_onnx.checkpoint.phimoe_tensors import expected_phimoe_tensors
+
+        return expected_phimoe_tensors(spec)
     out: dict[str, tuple[int, ...]] = {}
     for role, t in TENSORS.items():
         if role == "lm_head" and spec.tie_word_embeddings:
@@ -141,6 +145,10 @@ def _check_layers(keys: dict[str, TensorKey], spec: ModelSpec) -> None:
 
 def check_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
     """Every tensor known, the layer count right, nothing missing, every shape the config's."""
+    if spec.moe is not None:
+        from phi3_onnx.checkpoint.phimoe_tensors import check_phimoe_tensors
+
+        return check_phimoe_tensors(ckpt, spec)
     keys = {name: parse_name(name) for name in ckpt.names()}  # an unknown name is an error
     _check_layers(keys, spec)
     expected = expected_tensors(spec)

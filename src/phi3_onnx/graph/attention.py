@@ -9,7 +9,13 @@ import numpy as np
 import onnx_ir as ir
 
 from phi3_onnx.checkpoint.tensors import tensor_name
-from phi3_onnx.graph.builder import MS_DOMAIN, Context, WeightRef, make_linear
+from phi3_onnx.graph.builder import (
+    MS_DOMAIN,
+    Context,
+    WeightRef,
+    make_bias_add,
+    make_linear,
+)
 from phi3_onnx.graph.rope import rope_caches
 from phi3_onnx.spec import ModelSpec
 
@@ -151,6 +157,18 @@ def rotary_separate(ctx: Context, layer: int, qkv: QKV, attn: AttentionInputs) -
     return QKV(rotated["q"], rotated["k"], qkv.v), [], 0
 
 
+def add_qkv_bias(ctx: Context, layer: int, qkv: QKV) -> QKV:
+    """Phi-3.5-MoE's q/k/v biases: one Add over the packed projection, or one per separate projection."""
+    s, p = ctx.spec, f"/model/layers.{layer}/attn"
+    hf = tensor_name("qkv_proj", layer)  # Phimoe's q/k/v served under the fused Phi-3 name (phimoe_tensors.PhimoeWeights)
+    if qkv.k is None:
+        return QKV(make_bias_add(ctx, f"{p}/qkv_proj", qkv.q, hf.replace(".weight", ".bias"), s.qkv_dim))
+    sizes = {"q": s.hidden_size, "k": s.kv_dim, "v": s.kv_dim}
+    out = {part: make_bias_add(ctx, f"{p}/{part}_proj", getattr(qkv, part), hf.replace("qkv_proj.weight", f"{part}_proj.bias"), n)
+           for part, n in sizes.items()}
+    return QKV(out["q"], out["k"], out["v"])
+
+
 # graph-shape choices (targets.GraphOptions) → the subgraph function that implements each
 PROJECTIONS: dict[bool, Callable[[Context, int, ir.Value], QKV]] = {True: make_qkv_packed, False: make_qkv_separate}
 ROTARIES: dict[bool, Callable[[Context, int, QKV, AttentionInputs], tuple[QKV, list[ir.Value | None], int]]] = {
@@ -169,6 +187,8 @@ def make_attention(ctx: Context, layer: int, x: ir.Value, past_k: ir.Value, past
     s, opts = ctx.spec, ctx.target.graph
     p = f"/model/layers.{layer}/attn"
     qkv = PROJECTIONS[opts.packed_qkv](ctx, layer, x)
+    if s.attention_bias:
+        qkv = add_qkv_bias(ctx, layer, qkv)
     qkv, rotary_inputs, do_rotary = ROTARIES[opts.rotary_in_attention](ctx, layer, qkv, attn)
     window = s.attention_window
     out, present_k, present_v = ctx.b.op_multi(
@@ -186,4 +206,6 @@ def make_attention(ctx: Context, layer: int, x: ir.Value, past_k: ir.Value, past
         local_window_size=window or -1,
     )
     o = make_linear(ctx, f"{p}/o_proj", out, tensor_name("o_proj", layer), s.hidden_size, s.hidden_size)
+    if s.attention_bias:
+        o = make_bias_add(ctx, f"{p}/o_proj", o, tensor_name("o_proj", layer).replace(".weight", ".bias"), s.hidden_size)
     return o, present_k, present_v

@@ -195,6 +195,11 @@ def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: WeightRef | str, 
     )
 
 
+def make_bias_add(ctx: Context, name: str, y: ir.Value, hf_name: str, size: int) -> ir.Value:
+    """y ──Add(bias)──▶ y + b   (Phi-3.5-MoE's attention and lm_head biases, in the target's dtype)"""
+    return ctx.b.op("Add", [y, make_weight(ctx, hf_name, (size,))], f"{name}/BiasAdd")
+
+
 @dataclass(frozen=True)
 class Int4Weight:
     """The MatMulNBits initializers of one weight: packed [N, k_blocks, block/2] uint8, scales [N * k_blocks]."""

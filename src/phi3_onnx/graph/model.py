@@ -21,9 +21,11 @@ import onnx_ir as ir
 
 from phi3_onnx.checkpoint.tensors import lm_head_role, tensor_name
 from phi3_onnx.graph.attention import make_attention, make_attention_inputs
-from phi3_onnx.graph.builder import (MS_DOMAIN, OPSET, Context, GraphBuilder, Int4Packer, WeightSource, make_int4_weight,
-                                     make_linear, make_weight)
+from phi3_onnx.checkpoint.phimoe_tensors import PhimoeWeights
+from phi3_onnx.graph.builder import (MS_DOMAIN, OPSET, Context, GraphBuilder, Int4Packer, WeightSource, make_bias_add,
+                                     make_int4_weight, make_linear, make_weight)
 from phi3_onnx.graph.mlp import make_mlp
+from phi3_onnx.graph.moe import make_moe
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target
 
@@ -36,10 +38,27 @@ def make_norm(ctx: Context, name: str, x: ir.Value | None, residual: ir.Value, h
     """
     gamma = make_weight(ctx, hf_name, (ctx.spec.hidden_size,))
     eps = ctx.spec.rms_norm_eps
+    if ctx.spec.norm == "layer":
+        return make_layer_norm(ctx, name, x, residual, gamma, hf_name)
     if x is None:
         normed = ctx.b.op("SimplifiedLayerNormalization", [residual, gamma], f"{name}/SimplifiedLayerNorm", axis=-1, epsilon=eps, stash_type=1)
         return normed, residual
     outs = ctx.b.op_multi("SkipSimplifiedLayerNormalization", [x, residual, gamma], f"{name}/SkipLayerNorm", domain=MS_DOMAIN, outputs=4, epsilon=eps)
+    return outs[0], outs[3]
+
+
+def make_layer_norm(ctx: Context, name: str, x: ir.Value | None, residual: ir.Value, gamma: ir.Value, hf_name: str) -> tuple[ir.Value, ir.Value]:
+    """LayerNorm with bias (Phi-3.5-MoE; eps is the config's rms_norm_eps, as transformers reads it).
+
+    residual ──LayerNormalization(gamma, beta)──▶ normed            (first layer)
+    x, residual ──SkipLayerNormalization(gamma, beta)──▶ normed, x + residual
+    """
+    beta = make_weight(ctx, hf_name.replace(".weight", ".bias"), (ctx.spec.hidden_size,))
+    eps = ctx.spec.rms_norm_eps
+    if x is None:
+        normed = ctx.b.op("LayerNormalization", [residual, gamma, beta], f"{name}/LayerNorm", axis=-1, epsilon=eps, stash_type=1)
+        return normed, residual
+    outs = ctx.b.op_multi("SkipLayerNormalization", [x, residual, gamma, beta], f"{name}/SkipLayerNorm", domain=MS_DOMAIN, outputs=4, epsilon=eps)
     return outs[0], outs[3]
 
 
@@ -91,7 +110,10 @@ def make_lm_head(ctx: Context, x: ir.Value) -> ir.Value:
     quantize = bool(ctx.target.quant and ctx.target.quant.quantize_lm_head)
     if s.tie_word_embeddings and not quantize:
         return make_tied_float_head(ctx, x)
-    return make_linear(ctx, "/lm_head", x, name, s.vocab_size, s.hidden_size, quantize=quantize)
+    logits = make_linear(ctx, "/lm_head", x, name, s.vocab_size, s.hidden_size, quantize=quantize)
+    if s.lm_head_bias:
+        logits = make_bias_add(ctx, "/lm_head", logits, tensor_name("lm_head").replace(".weight", ".bias"), s.vocab_size)
+    return logits
 
 
 def make_tied_float_head(ctx: Context, x: ir.Value) -> ir.Value:
@@ -128,6 +150,8 @@ def build_model(spec: ModelSpec, target: Target, weights: WeightSource, pack_int
 
     `pack_int4` quantizes each weight of an int4 target when it is saved (the quantizer's packer).
     """
+    if spec.moe is not None:  # Phimoe's q/k/v read as Phi-3's fused qkv_proj (checkpoint/phimoe_tensors.py)
+        weights = PhimoeWeights(weights)
     ctx = Context(GraphBuilder(), spec, target, weights, pack_int4)
     kv_shape: list[int | str] = ["batch_size", spec.num_kv_heads, "past_sequence_length", spec.head_dim]
     present_shape: list[int | str] = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
@@ -145,7 +169,7 @@ def build_model(spec: ModelSpec, target: Target, weights: WeightSource, pack_int
         normed, residual = make_norm(ctx, f"/model/layers.{i}/input_layernorm", hidden, residual, tensor_name("input_layernorm", i))
         attn_out, pk, pv = make_attention(ctx, i, normed, past_k, past_v, attn)
         normed, residual = make_norm(ctx, f"/model/layers.{i}/post_attention_layernorm", attn_out, residual, tensor_name("post_attention_layernorm", i))
-        hidden = make_mlp(ctx, i, normed)
+        hidden = make_mlp(ctx, i, normed) if spec.moe is None else make_moe(ctx, i, normed)
         pk.name, pv.name = f"present.{i}.key", f"present.{i}.value"
         pk.type, pv.type = ir.TensorType(ctx.dtype), ir.TensorType(ctx.dtype)
         pk.shape, pv.shape = ir.Shape(present_shape), ir.Shape(present_shape)

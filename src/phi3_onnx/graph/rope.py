@@ -48,5 +48,5 @@ def rope_caches(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
     r = spec.longrope
     orig = spec.original_max_position_embeddings
     cs, ss = cos_sin(spec, orig, r.short_factor, r.attention_factor)
-    cl, sl = cos_sin(spec, spec.max_position_embeddings, r.long_factor, r.attention_factor)
+    cl, sl = cos_sin(spec, spec.max_position_embeddings, r.long_factor, r.long_scale)
     return np.concatenate([cs, cl]), np.concatenate([ss, sl])

@@ -44,6 +44,7 @@ class GraphOptions:
     # also ship a copy of the decoder without GQA's sliding window, over the same weights file, for
     # sequences that fit the window (see phi3_onnx.package.window_free: CUDA's windowed decode kernel is slower)
     window_free_decoder: bool = False
+    moe_op: bool = True  # Phi-3.5-MoE experts in com.microsoft MoE/QMoE; False: plain ops (graph/moe.py)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,9 @@ _CPU_GRAPH = GraphOptions()
 _CUDA_GRAPH = GraphOptions(packed_gate_up=False, window_free_decoder=True)
 # DirectML: its GQA does not rotate, and packed QKV is not supported there (the model builder's
 # DML graphs too): separate q/k/v MatMuls, com.microsoft.RotaryEmbedding, position_ids input.
-_DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_ids_input=True, packed_gate_up=False)
+# DirectML has no MoE/QMoE kernel: Phi-3.5-MoE's experts run as plain MatMulNBits (graph/moe.py).
+_DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_ids_input=True, packed_gate_up=False,
+                          moe_op=False)
 # MatMulNBits accuracy_level on GPUs: 0 (unset), as the model builder writes for CUDA/DML. ORT's CUDA
 # MatMulNBits never reads the attribute (fp16 compute); 4 (int8 compute) is a CPU (MLAS) path.
 _GPU_LEVEL = 0

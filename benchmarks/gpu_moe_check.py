@@ -1,0 +1,211 @@
+"""Phi-3.5-MoE on the CUDA EP: fp16-cuda (MoE) and int4-cuda (QMoE) against transformers on the CPU.
+
+Self-contained: builds a tiny random PhimoeForCausalLM (LayerNorm, q/k/v/o + lm_head biases, 4 experts,
+sparsemixer top-2, LongRoPE past an original context of 64 with short/long mscales 1.1/1.3), exports
+fp16-cuda and int4-cuda, and checks, on the CUDA EP:
+
+  * onnxruntime InferenceSession prefill (48 tokens: short factors; 200 tokens: long factors) against
+    transformers fp32 on the CPU (int4: transformers over the dequantized int4 weights);
+  * token-by-token decode over the KV cache across the original context (40 -> 120 tokens);
+  * onnxruntime-genai greedy (CUDA, the package's genai_config), 32 new tokens inside the original
+    context, against the same package's greedy through an InferenceSession, and against transformers (info).
+
+Run from a clone (CUDA onnxruntime-gpu + onnxruntime-genai-cuda, torch CPU, transformers 5):
+
+    PYTHONPATH=src python benchmarks/gpu_moe_check.py [--keep DIR]
+    PYTHONPATH=src python benchmarks/gpu_moe_check.py --cpu     # the same checks on the CPU EP (smoke run)
+
+Prints one table; exits 1 if any check fails. Limits (95th percentile over positions of max|d| / logit
+range, since fp16 may flip a near-tied expert choice at a few positions; the worst position is printed):
+fp16 vs transformers 5e-3 and argmax agreement >= 0.97. int4-cuda: the CUDA QMoE package against the
+same package on the CPU EP (whose QMoE is checked exact against transformers over the dequantized
+weights in tests/test_phimoe.py), 5e-3 and >= 0.97; against fp32 transformers on the dequantized
+weights it is printed as info (fp16 activations with int4 weights on random weights drift chaotically). genai greedy must equal the same package's greedy
+through an InferenceSession on the same EP (the genai_config wiring); agreement with transformers
+greedy is printed as info (random weights: near-ties diverge early).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+OK = True
+ROWS: list[tuple[str, str, str, str]] = []
+
+
+def _row(target: str, check: str, value: str, passed: bool) -> None:
+    global OK
+    OK &= passed
+    ROWS.append((target, check, value, "ok" if passed else "FAIL"))
+
+
+def _published_rotary():
+    """transformers 5's Phimoe rotary never uses the long factors; the published model does (see tests/test_phimoe.py)."""
+    import test_phimoe
+
+    return test_phimoe._published_rotary()
+
+
+EP = "CUDAExecutionProvider"
+
+
+def _session(pkg: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(pkg / "model.onnx"), providers=[EP, "CPUExecutionProvider"])
+
+
+def _past(sess, dtype) -> dict[str, np.ndarray]:
+    return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), dtype) for i in sess.get_inputs() if i.name.startswith("past_key_values")}
+
+
+def _prefill(sess, ids: np.ndarray) -> np.ndarray:
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), **_past(sess, np.float16)}
+    return sess.run(["logits"], feed)[0].astype(np.float32)
+
+
+def _decode(sess, ids: np.ndarray, prefix: int) -> np.ndarray:
+    names = [o.name for o in sess.get_outputs()]
+    past, out_rows = _past(sess, np.float16), []
+    for a, b in [(0, prefix)] + [(t, t + 1) for t in range(prefix, ids.shape[1])]:
+        out = sess.run(None, {"input_ids": ids[:, a:b], "attention_mask": np.ones((1, b), np.int64), **past})
+        past = {n.replace("present.", "past_key_values."): v for n, v in zip(names[1:], out[1:])}
+        out_rows.append(out[0][0, -1].astype(np.float32))
+    return np.stack(out_rows)
+
+
+def _ort_greedy(sess, prompt: list[int], new: int) -> list[int]:
+    """Greedy with the same package through a plain InferenceSession (the genai check's exact twin)."""
+    names = [o.name for o in sess.get_outputs()]
+    ids, past, out = np.array([prompt], np.int64), _past(sess, np.float16), []
+    step = ids
+    for _ in range(new):
+        total = ids.shape[1]
+        res = sess.run(None, {"input_ids": step, "attention_mask": np.ones((1, total), np.int64), **past})
+        past = {n.replace("present.", "past_key_values."): v for n, v in zip(names[1:], res[1:])}
+        nxt = int(res[0][0, -1].astype(np.float32).argmax())
+        out.append(nxt)
+        step = np.array([[nxt]], np.int64)
+        ids = np.concatenate([ids, step], axis=1)
+    return out
+
+
+def _score(got: np.ndarray, ref: np.ndarray) -> tuple[float, float, float]:
+    """(p95 over positions of max|d|/range, max over positions, argmax agreement). An MoE's routing is
+    discontinuous: fp16 activations may flip a near-tied expert choice at a few positions, so the check
+    reads the 95th percentile and reports the worst position."""
+    got, ref = got.reshape(-1, got.shape[-1]), ref.reshape(-1, ref.shape[-1])
+    per_pos = np.abs(got - ref).max(-1) / np.ptp(ref)
+    return float(np.percentile(per_pos, 95)), float(per_pos.max()), float((got.argmax(-1) == ref.argmax(-1)).mean())
+
+
+def _ref_decode(model, ids: np.ndarray, prefix: int) -> np.ndarray:
+    import torch
+    from transformers import DynamicCache
+
+    cache, rows = DynamicCache(config=model.config), []
+    for a, b in [(0, prefix)] + [(t, t + 1) for t in range(prefix, ids.shape[1])]:
+        with torch.no_grad():
+            rows.append(model(torch.from_numpy(ids[:, a:b]), past_key_values=cache, use_cache=True).logits[0, -1].numpy())
+    return np.stack(rows)
+
+
+def _genai_greedy(pkg: Path, prompt: list[int], new: int) -> list[int]:
+    import onnxruntime_genai as og
+
+    config = og.Config(str(pkg))
+    if EP == "CPUExecutionProvider":  # --cpu smoke run: the package names cuda
+        config.clear_providers()
+    model = og.Model(config)
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out
+
+
+def main() -> int:
+    import onnx
+    import onnxruntime as ort
+    import torch
+    from helpers import make_random_phimoe, phimoe_longrope
+    from test_phimoe import _dequantized_model, _reference
+
+    from phi3_onnx import export
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--keep", type=Path, help="write the checkpoint and packages here (default: a temp folder)")
+    parser.add_argument("--cpu", action="store_true", help="smoke-run the same checks on the CPU EP (no GPU needed)")
+    args = parser.parse_args()
+    global EP
+    if args.cpu:
+        EP = "CPUExecutionProvider"
+    elif "CUDAExecutionProvider" not in ort.get_available_providers():
+        print(f"CUDAExecutionProvider not available (onnxruntime {ort.__version__}: {ort.get_available_providers()})")
+        return 1
+    work = args.keep or Path(tempfile.mkdtemp(prefix="gpu-moe-"))
+    shutil.rmtree(work, ignore_errors=True)
+    ckpt = make_random_phimoe(work / "tiny-phimoe", seed=1, **phimoe_longrope())
+    rng = np.random.default_rng(0)
+    long_ids = rng.integers(3, 2048, size=(1, 200)).astype(np.int64)
+    prompt = rng.integers(3, 2048, size=20).tolist()
+    limits = {"fp16-cuda": (5e-3, 0.97), "int4-cuda": (5e-3, 0.97)}
+    with _published_rotary():
+        for target in ("fp16-cuda", "int4-cuda"):
+            pkg = export(ckpt, target, work / target)
+            ops = {n.op_type for n in onnx.load(str(pkg / "model.onnx"), load_external_data=False).graph.node}
+            want = "MoE" if target == "fp16-cuda" else "QMoE"
+            _row(target, "expert op", want, want in ops and not {"If", "Loop"} & ops)
+            ref_model = _reference(ckpt) if target == "fp16-cuda" else _dequantized_model(ckpt, 32)
+            sess = _session(pkg)
+            _row(target, "session EP", sess.get_providers()[0], sess.get_providers()[0] == EP)
+            tol, agree_min = limits[target]
+            cpu = ort.InferenceSession(str(pkg / "model.onnx"), providers=["CPUExecutionProvider"])
+            for n in (48, 200):
+                ids = long_ids[:, :n]
+                with torch.no_grad():
+                    ref = ref_model(torch.from_numpy(ids)).logits.numpy()
+                got = _prefill(sess, ids)
+                p95, worst, agree = _score(got, ref)
+                if target == "fp16-cuda":
+                    _row(target, f"prefill {n}: p95 / worst max|d|/range, argmax", f"{p95:.2e} / {worst:.2e}, {agree:.3f}",
+                         p95 <= tol and agree >= agree_min)
+                else:  # fp16 + int4 on random weights is chaotic against an fp32 reference: info; the check is CUDA vs ORT CPU kernels
+                    ROWS.append((target, f"prefill {n} vs dequantized transformers fp32: p95 / worst, argmax",
+                                 f"{p95:.2e} / {worst:.2e}, {agree:.3f}", "info"))
+                    p95, worst, agree = _score(got, _prefill(cpu, ids))
+                    _row(target, f"prefill {n} vs the same package on the CPU EP: p95 / worst, argmax",
+                         f"{p95:.2e} / {worst:.2e}, {agree:.3f}", p95 <= tol and agree >= agree_min)
+            got = _decode(sess, long_ids[:, :120], 40)
+            ref = _ref_decode(ref_model, long_ids[:, :120], 40) if target == "fp16-cuda" else _decode(cpu, long_ids[:, :120], 40)
+            p95, worst, agree = _score(got, ref)
+            _row(target, "decode 40->120: p95 / worst, argmax", f"{p95:.2e} / {worst:.2e}, {agree:.3f}", p95 <= tol and agree >= agree_min)
+            og_ids, ort_ids = _genai_greedy(pkg, prompt, 32), _ort_greedy(sess, prompt, 32)
+            _row(target, "genai greedy == InferenceSession greedy", f"{sum(a == b for a, b in zip(og_ids, ort_ids))}/32", og_ids == ort_ids)
+            with torch.no_grad():
+                hf = ref_model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, 20:].tolist()
+            same = next((i for i, (a, b) in enumerate(zip(og_ids, hf)) if a != b), len(hf))
+            ROWS.append((target, "genai greedy == transformers (tokens before the first diff)", f"{same}/32", "info"))
+    width = [max(len(r[i]) for r in ROWS + [("target", "check", "value", "result")]) for i in range(4)]
+    for r in [("target", "check", "value", "result"), *ROWS]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, width)))
+    print(f"onnxruntime {ort.__version__}; packages in {work}")
+    return 0 if OK else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
