@@ -433,3 +433,16 @@ def test_eval_drift_within_limits(exported, moe_ckpt: Path, tmp_path: Path, caps
     assert rc == 0 and row["status"] == "pass", capsys.readouterr().err
     limits = TARGETS["fp16-cuda"].limits
     assert row["metrics"]["kl_mean"] <= 0.5 * limits.max_kl and row["metrics"]["ppl_increase_pct"] <= 0.5 * limits.max_ppl_increase_pct
+
+
+def test_export_memory_estimate_counts_the_stacked_experts(tmp_path: Path) -> None:
+    """Each save worker holds one layer's stacked experts whole (float32 + output): the plan must count it
+    (16 experts of 2048: the stacked fc1 is 64x any checkpoint tensor here)."""
+    from phi3_onnx.package.pipeline import SAVE_WORKERS, plan_export
+
+    ckpt = make_random_phimoe(tmp_path / "wide-moe", **phimoe_like(num_local_experts=16, intermediate_size=2048,
+                                                                    num_hidden_layers=1))
+    plan, _ = plan_export(str(ckpt), "fp32-cpu", tmp_path / "unused")
+    spec = plan.spec
+    stacked = spec.moe.num_experts * 2 * spec.intermediate_size * spec.hidden_size * 4  # fc1: gate and up of every expert
+    assert plan.peak_ram_bytes >= 700 * 2**20 + stacked * 2 * SAVE_WORKERS
