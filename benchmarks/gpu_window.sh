@@ -5,9 +5,7 @@
 #                                            packages: window-free decoder + windowed) vs the builder's
 #                                            int4 / fp16 (CUDA graph on) at prompts 16/512/1536; crossing
 #                                            the window through the runtime; the tiny-model exactness check
-#   PART=more bash benchmarks/gpu_window.sh  mini-128k int4 at prompt 16 vs the builder; the CPU decode of
-#                                            int4-cpu block 32 / 128 vs the builder's int4 CPU package on
-#                                            2 pinned cores (taskset), 2 threads each
+#   PART=more bash benchmarks/gpu_window.sh  mini-128k int4 at prompt 16 vs the builder
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"; W=/tmp/wb; mkdir -p "$W/m"
 exec > >(tee -a "$OUT/gpu_window-${PART:-gpu}.log") 2>&1
@@ -24,15 +22,11 @@ python3 -c "import onnxruntime as o, onnxruntime_genai as g; print('ort', o.__ve
 if [ "${PART:-gpu}" = gpu ]; then
   [ -f "$W/mini4k/config.json" ] || python3 benchmarks/make_random_checkpoint.py phi3-mini-4k "$W/mini4k" | tail -1
   stamp "exports"
-  ours ours-int4 "$W/mini4k" int4-cuda "" & ours ours-fp16 "$W/mini4k" fp16-cuda "" &
-  builder builder-int4 "$W/mini4k" int4 cuda "--extra_options enable_cuda_graph=1" &
-  builder builder-fp16 "$W/mini4k" fp16 cuda "--extra_options enable_cuda_graph=1" &
-  wait
-  # the builder's CPU package for PART=more (needs ~22 GiB; runs while the GPU benchmark does)
-  (builder builder-int4-cpu "$W/mini4k" int4 cpu "") > "$W/builder-cpu.out" 2>&1 &
-  mkdir -p "$W/cpu"; for b in 32 128; do  # what cpu_compare.py reuses: int4-cpu --block-size b (RTN; the flagship's graph at 128)
-    python3 -m phi3_onnx.cli export -m "$W/mini4k" -t int4-cpu --block-size $b -o "$W/cpu/ours-int4-cpu-b$b" --force -q > "$W/cpu-b$b.log" 2>&1 &
-  done
+  pids=()  # explicit: a bare `wait` would also wait for the tee process substitution (never ends)
+  ours ours-int4 "$W/mini4k" int4-cuda "" & pids+=($!); ours ours-fp16 "$W/mini4k" fp16-cuda "" & pids+=($!)
+  builder builder-int4 "$W/mini4k" int4 cuda "--extra_options enable_cuda_graph=1" & pids+=($!)
+  builder builder-fp16 "$W/mini4k" fp16 cuda "--extra_options enable_cuda_graph=1" & pids+=($!)
+  wait "${pids[@]}"
   ls -la "$W/m/ours-int4" | grep onnx; du -sh "$W"/m/*
   stamp "decode by prompt length"
   python3 benchmarks/window_bench.py "$OUT/window-bench-mini4k.json" builder-int4=builder:"$W/m/builder-int4" \
@@ -42,16 +36,12 @@ if [ "${PART:-gpu}" = gpu ]; then
   python3 benchmarks/gpu_checks.py cross "$W/m/ours-fp16" 1536 2600
   stamp "tiny exactness"
   python3 benchmarks/gpu_checks.py dual "$W/tiny"
-  wait
 else
-  [ -f "$W/mini128k/config.json" ] || python3 benchmarks/make_random_checkpoint.py phi3-mini-128k "$W/mini128k" | tail -1 &
-  stamp "CPU: int4-cpu b32 / b128 vs the builder's int4 CPU package, 2 pinned cores"
-  taskset -c 2,3 python3 benchmarks/cpu_compare.py --checkpoint "$W/mini4k" --work "$W/cpu" --blocks 32,128 \
-    --builder "$W/m/builder-int4-cpu" --no-llama --threads 2 --rounds 3 --out "$OUT" --name cpu_compare-h200host-2cores
-  wait
+  [ -f "$W/mini128k/config.json" ] || python3 benchmarks/make_random_checkpoint.py phi3-mini-128k "$W/mini128k" | tail -1
   stamp "mini-128k exports"
-  ours ours128-int4 "$W/mini128k" int4-cuda "" & builder builder128-int4 "$W/mini128k" int4 cuda "--extra_options enable_cuda_graph=1" &
-  wait
+  pids=(); ours ours128-int4 "$W/mini128k" int4-cuda "" & pids+=($!)
+  builder builder128-int4 "$W/mini128k" int4 cuda "--extra_options enable_cuda_graph=1" & pids+=($!)
+  wait "${pids[@]}"
   python3 benchmarks/window_bench.py "$OUT/window-bench-mini128k.json" builder-int4=builder:"$W/m/builder128-int4" \
     ours-int4=ours:"$W/m/ours128-int4" --prompts 16 --rounds 3
 fi

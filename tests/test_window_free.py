@@ -121,3 +121,17 @@ def test_engine_and_short_loads_pick_the_right_decoder(fp32_dual: Path) -> None:
     long = load(fp32_dual, device="cpu", max_length=256)
     assert long.window_switch().after == WINDOW
     assert long.engine_og_model() is long.windowed_og_model() is not long._og  # the Engine cannot move a request
+
+
+def test_one_shot_generators_are_sized_to_the_call(fp32_dual: Path) -> None:
+    """generate/stream size the KV cache to prompt + max_new_tokens (CUDA graphs attend over all of it);
+    a call that cannot pass the window never loads the windowed decoder; a chat keeps max_length."""
+    model = load(fp32_dual, device="cpu", max_length=256)
+    short = model.new_decoder(model.options(max_new_tokens=20), prompt_length=30)
+    assert short.max_length == 50
+    model.generate("def join(a, b):", max_new_tokens=20)
+    assert model._og_windowed is None  # 50 tokens fit the 100-token window
+    assert model.new_decoder(model.options(max_new_tokens=1000), prompt_length=30).max_length == 256
+    chat = model.chat()
+    chat.send("hello", max_new_tokens=4)
+    assert chat._decoder.max_length == 256

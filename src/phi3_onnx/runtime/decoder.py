@@ -47,14 +47,17 @@ class Decoder:
     """Wraps og.Generator; `append` and `next_token` are its only moves. Not thread-safe."""
 
     def __init__(self, og_model: Any, make_params: Callable[[Any], Any], max_length: int, long_after: int | None,
-                 forced: Sequence[int] | None = None, window: WindowSwitch | None = None) -> None:
+                 forced: Sequence[int] | None = None, window: WindowSwitch | None = None,
+                 speculative: bool = False) -> None:
         self._first_model = og_model
         self.forced = None if forced is None else [int(t) for t in forced]  # an answer emitted without sampling
         self._make_params = make_params  # og.Model -> og.GeneratorParams
         self.max_length = max_length
         self._long_after = long_after  # LongRoPE original context, None for plain RoPE
         self._window = window
+        self._speculative = speculative  # a step may add several tokens: ask genai for the length
         self.windowed = False  # running on the windowed decoder (window.model)
+        self._length = 0  # tokens in the sequence, kept here: genai's token_count costs a call per step
         self._gen = self._new_generator()
         self._cache_long = False  # cached keys were rotated with long factors
         self._pending = False  # the last sampled token is in the sequence but not yet run
@@ -71,7 +74,7 @@ class Decoder:
         return [int(t) for t in self._gen.get_sequence(0)]
 
     def __len__(self) -> int:
-        return int(self._gen.token_count())
+        return self._length
 
     def _needs_long(self, total: int) -> bool:
         return self._long_after is not None and total > self._long_after
@@ -80,7 +83,7 @@ class Decoder:
         return self._window is not None and total > self._window.after and not self.windowed
 
     def _needs_rebuild(self, total: int) -> bool:
-        return bool(len(self)) and (self._needs_long(total) != self._cache_long or self._needs_windowed(total))
+        return bool(self._length) and (self._needs_long(total) != self._cache_long or self._needs_windowed(total))
 
     def append(self, ids: Sequence[int]) -> None:
         """Run the model over `ids` after the current sequence; rebuild if they cross the LongRoPE boundary."""
@@ -98,6 +101,7 @@ class Decoder:
                 self.windowed = True
                 self._gen = self._new_generator()
             self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+            self._length = total
             self._cache_long = self._needs_long(total)
         self._pending = False
 
@@ -120,6 +124,7 @@ class Decoder:
             self._cache_long = False
         else:
             self._gen.rewind_to(length)
+        self._length = length
         self._pending = False
 
     def next_token(self) -> int:
@@ -127,6 +132,7 @@ class Decoder:
         if self._pending and self._needs_rebuild(len(self)):
             self._rebuild(self.tokens())
         self._gen.generate_next_token()
+        self._length = int(self._gen.token_count()) if self._speculative else self._length + 1
         self._pending = not self._gen.is_done()
         return int(self._gen.get_next_tokens()[0])
 
@@ -138,7 +144,7 @@ class Decoder:
             return {}
 
     def done(self) -> bool:
-        return bool(self._gen.is_done()) or len(self) >= self.max_length
+        return self._length >= self.max_length or bool(self._gen.is_done())
 
     def _rebuild(self, ids: list[int]) -> None:
         """A fresh Generator over the whole sequence: one prefill, every key rotated alike, on the windowed
@@ -146,6 +152,7 @@ class Decoder:
         self.windowed = self.windowed or self._needs_windowed(len(ids))
         self._gen = self._new_generator()
         self._gen.append_tokens(np.asarray(ids, dtype=np.int32))
+        self._length = len(ids)
         self._cache_long = self._needs_long(len(ids))
         self.rebuilds += 1
 
