@@ -7,12 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from phi3_onnx.checkpoint.phi3_small import is_phi3_small, spec_from_small_config
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.spec import LongRope, ModelSpec
 
-SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM",)
+SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "Phi3SmallForCausalLM")
 _UNSUPPORTED_HINTS = {
-    "Phi3SmallForCausalLM": "Phi-3-small (blocksparse attention) is not supported yet",
     "Phi3VForCausalLM": "Phi-3-vision is not supported yet",
     "PhiMoEForCausalLM": "Phi-3.5-MoE is not supported yet",
     "PhimoeForCausalLM": "Phi-3.5-MoE is not supported yet",
@@ -194,8 +194,14 @@ def _longrope(rope: dict[str, Any], max_pos: int, rotary_dim: int, orig: int) ->
 
 def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: list[int] | None = None) -> ModelSpec:
     """One typed spec from either config.json form found in the wild; every field checked, none truncated."""
+    if is_phi3_small(cfg):
+        return spec_from_small_config(cfg, name, generation_eos, _int, _phi3_spec)
     _check_architecture(cfg)
     _check_activation(cfg)
+    return _phi3_spec(cfg, name, generation_eos)
+
+
+def _phi3_spec(cfg: dict[str, Any], name: str = "phi3", generation_eos: list[int] | None = None) -> ModelSpec:
     hidden, heads = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
     kv_heads = _int(cfg, "num_key_value_heads", heads)
     vocab = _int(cfg, "vocab_size")
