@@ -1,0 +1,226 @@
+"""Phi-3-small (Phi3SmallForCausalLM, issue 12): a tiny random checkpoint of its shape against a plain-PyTorch reference.
+
+tests/phi3_small_ref.py holds the reference (written from the published modeling code; its HF code
+needs triton) and the tiny checkpoint: 4 layers (1 and 3 dense, 0 and 2 block-sparse), GQA 4/2, head
+32, blocks of 16 tokens with 2 local blocks and vertical stride 4, per-head patterns — so over 512
+tokens the sparse layout differs from dense causal attention — a BPE tokenizer trained here as a
+.tiktoken file, tied embeddings, muP multipliers and a gegelu clamp the weights reach.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+import phi3_small_ref as ref
+from phi3_onnx import export
+from phi3_onnx.checkpoint import spec_from_config, spec_from_folder
+from phi3_onnx.checkpoint import tiktoken as tk
+from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.manifest import read_manifest
+from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
+from phi3_onnx.targets import TARGETS
+
+REL_TOL = 1e-4  # max |diff| / logit range, as tests/test_export.py
+
+
+@pytest.fixture(scope="module")
+def ranks() -> dict[bytes, int]:
+    return ref.train_ranks(ref.corpus_text(30_000), 400)
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory, ranks) -> Path:
+    return ref.make_small_checkpoint(tmp_path_factory.mktemp("small") / "tiny-phi3-small", ranks)
+
+
+@pytest.fixture(scope="module")
+def small_longrope_ckpt(tmp_path_factory, ranks) -> Path:
+    return ref.make_small_checkpoint(tmp_path_factory.mktemp("small") / "tiny-phi3-small-128k", ranks, seed=1,
+                                     **ref.longrope_overrides())
+
+
+def _cfg(ckpt: Path) -> dict:
+    return json.loads((ckpt / "config.json").read_text())
+
+
+def _ids(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, vocab, size=(1, n)).astype(np.int64)
+
+
+def _finite_close(got: np.ndarray, want: np.ndarray, what: str, tol: float = REL_TOL) -> float:
+    """max |diff| / range over the real vocabulary (dummy ids are the dtype's minimum on both sides, checked equal)."""
+    real = want[0, 0] > np.finfo(np.float32).min
+    np.testing.assert_array_equal(got[..., ~real] == np.finfo(np.float32).min, True)
+    g, w = got[..., real], want[..., real]
+    err = float(np.abs(g - w).max() / (w.max() - w.min()))
+    print(f"{what}: max|diff|/range = {err:.2e}")
+    assert err <= tol, f"{what}: {err:.2e} > {tol}"
+    return err
+
+
+def _session(pkg: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(pkg / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _empty_past(sess: ort.InferenceSession) -> dict[str, np.ndarray]:
+    return {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs() if i.name.startswith("past")}
+
+
+def _prefill(pkg: Path, ids: np.ndarray) -> np.ndarray:
+    sess = _session(pkg)
+    return sess.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids), **_empty_past(sess)})[0]
+
+
+def _reference(ckpt: Path, ids: np.ndarray, weights=None) -> np.ndarray:
+    with torch.no_grad():
+        return ref.reference_forward(weights or ref.load_weights(ckpt), _cfg(ckpt), torch.from_numpy(ids))[0].numpy()
+
+
+def _cached_decode(pkg: Path, ckpt: Path, ids: np.ndarray, prefix: int) -> None:
+    sess, w, cfg = _session(pkg), ref.load_weights(ckpt), _cfg(ckpt)
+    names = [o.name for o in sess.get_outputs()]
+    past, cache, got, want = _empty_past(sess), None, [], []
+    for a, b in [(0, prefix)] + [(t, t + 1) for t in range(prefix, ids.shape[1])]:
+        out = sess.run(None, {"input_ids": ids[:, a:b], "attention_mask": np.ones((1, b), np.int64), **past})
+        past = {n.replace("present.", "past_key_values."): v for n, v in zip(names[1:], out[1:])}
+        with torch.no_grad():
+            logits, cache = ref.reference_forward(w, cfg, torch.from_numpy(ids[:, a:b]), cache)
+        got.append(out[0][:, -1:]), want.append(logits[:, -1:].numpy())
+    _finite_close(np.concatenate(got, 1), np.concatenate(want, 1), f"cached decode to {ids.shape[1]} tokens")
+
+
+# ----------------------------------------------------------------------------- config -> spec
+
+
+def test_spec_reads_phi3_small(small_ckpt: Path) -> None:
+    spec = spec_from_folder(small_ckpt)
+    assert (spec.architecture, spec.norm, spec.attention_bias, spec.tie_word_embeddings) == ("Phi3SmallForCausalLM", "layer", True, True)
+    assert (spec.head_dim, spec.intermediate_size, spec.rope_theta, spec.rms_norm_eps) == (32, 256, 1e6, 1e-5)
+    s = spec.small
+    assert [s.is_dense(i) for i in range(4)] == [False, True, False, True]
+    assert s.attention_scale == 1 / 32 and s.head_step(4) == 1 and len(s.dummy_token_ids) == 87 + 4  # dummy_id_0..86, fim x3, endofprompt
+    specials = tk.special_tokens(spec.vocab_size)
+    assert set(spec.eos_token_ids) == {specials["<|endoftext|>"], specials["<|end|>"]}
+
+
+def test_published_layout_ids() -> None:
+    """At cl100k's 100256 ranks the layout gives tokenization_phi3_small.py's ids."""
+    specials = tk.special_tokens(100256 + tk.RESERVED)
+    assert (specials["<|dummy_id_2|>"], specials["<|endoftext|>"], specials["<|system|>"], specials["<|end|>"]) == (100256, 100257, 100261, 100266)
+    assert (specials["<|endofprompt|>"], specials["<|dummy_id_12|>"], specials["<|dummy_id_86|>"]) == (100276, 100277, 100351)
+    assert len(set(specials.values())) == tk.RESERVED
+
+
+def test_preset_phi3_small_8k() -> None:
+    from phi3_onnx.checkpoint import preset
+
+    spec = preset("phi3-small-8k")
+    assert (spec.num_layers, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (32, 32, 8, 128, 100352)
+    assert spec.small.block_size == 64 and spec.small.vert_stride == 8 and not spec.small.homo_head_pattern
+    assert round(spec.num_params() / 1e9, 2) == 7.39
+    from phi3_onnx.spec import ModelSpec
+
+    assert ModelSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_phi3_spec_dict_has_no_new_keys() -> None:
+    """Existing Phi-3 manifests stay byte-identical: the fields added for Phi-3-small are omitted at their defaults."""
+    from phi3_onnx.checkpoint import preset
+
+    assert not {"architecture", "norm", "attention_bias", "small"} & set(preset("phi3-mini-4k").to_dict())
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("hidden_act", "silu", "gegelu"),
+    ("rope_position_scale", 2.0, "rope_position_scale"),
+    ("blocksparse_block_size", 0, "blocksparse_block_size"),
+    ("blocksparse_homo_head_pattern", "no", "blocksparse_homo_head_pattern"),
+    ("gegelu_limit", -1, "gegelu_limit"),
+    ("dummy_token_indices", [10**6], "dummy_token_indices"),
+    ("blocksparse_triton_kernel_block_size", 32, "triton_kernel_block_size"),
+])
+def test_bad_values_are_one_line_errors(small_ckpt: Path, key, value, match) -> None:
+    with pytest.raises(Phi3OnnxError, match=match) as err:
+        spec_from_config(_cfg(small_ckpt) | {key: value})
+    assert "\n" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- fp32 parity
+
+
+def test_reference_sparse_mask_matters(small_ckpt: Path) -> None:
+    """Sanity of the test itself: over 512 tokens the block-sparse layers change the logits."""
+    ids, cfg = _ids(512, 600), _cfg(small_ckpt)
+    w = ref.load_weights(small_ckpt)
+    with torch.no_grad():
+        sparse = ref.reference_forward(w, cfg, torch.from_numpy(ids))[0]
+        dense = ref.reference_forward(w, cfg | {"dense_attention_every_n_layers": 1}, torch.from_numpy(ids))[0]
+    real = sparse[0, 0] > torch.finfo(torch.float32).min
+    err = ((sparse - dense)[..., real].abs().max() / (sparse[..., real].max() - sparse[..., real].min())).item()
+    assert err > 100 * REL_TOL
+    assert not ref.sparse_token_mask(cfg, 512, 512)[0].equal(ref.sparse_token_mask(cfg, 512, 512)[1])  # per-head patterns
+
+
+def test_fp32_matches_reference_512_tokens(exported, small_ckpt: Path) -> None:
+    pkg = exported("fp32-cpu", small_ckpt)
+    ids = _ids(512, 600)
+    _finite_close(_prefill(pkg, ids), _reference(small_ckpt, ids), "fp32 prefill 512")
+    _cached_decode(pkg, small_ckpt, ids[:, :200], prefix=150)
+
+
+def test_fp32_longrope_past_the_original_context(exported, small_longrope_ckpt: Path) -> None:
+    pkg = exported("fp32-cpu", small_longrope_ckpt)
+    ids = _ids(512, 600, seed=2)
+    _finite_close(_prefill(pkg, ids), _reference(small_longrope_ckpt, ids), "longrope prefill 512 (long factors)")
+    _finite_close(_prefill(pkg, ids[:, :100]), _reference(small_longrope_ckpt, ids[:, :100]), "longrope prefill 100 (short)")
+    _cached_decode(pkg, small_longrope_ckpt, ids[:, :170], prefix=100)  # crosses 128 token by token
+
+
+def test_int4_matches_reference_on_dequantized_weights(exported, small_ckpt: Path) -> None:
+    """int4-cpu with fp32 compute (accuracy level 0) computes the reference over the int4 round trip of
+    every matrix (the tied table included); q/k/v and gegelu rows are permuted whole, blocks run along K."""
+    pkg = exported("int4-cpu", small_ckpt, accuracy_level=0)
+    block = TARGETS["int4-cpu"].quant.block_size
+    w = {k: torch.from_numpy(dequantize_int4(quantize_int4(v.numpy(), block), *v.shape, block)).float() if v.dim() == 2 else v
+         for k, v in ref.load_weights(small_ckpt).items()}
+    ids = _ids(300, 600, seed=3)
+    _finite_close(_prefill(pkg, ids), _reference(small_ckpt, ids, w), "int4-cpu vs dequantized reference")
+
+
+# ----------------------------------------------------------------------------- SparseAttention (the CUDA graphs) on the CPU kernel
+
+
+def test_sparse_attention_graph_matches_reference(small_ckpt: Path, tmp_path: Path) -> None:
+    """The CUDA graph shape (SparseAttention with the CSR layout on sparse layers, GQA on dense ones) in fp32,
+    run by ORT's CPU SparseAttention kernel with past/present sharing one max-length buffer (IO binding, as
+    onnxruntime-genai runs it): prefill 256 and decode past it equal the reference."""
+    target = dataclasses.replace(TARGETS["fp16-cuda"], name="fp32-sparse-attention", io_dtype="float32")
+    pkg = export(small_ckpt, target, tmp_path / "sparse")
+    model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node if "Attention" in n.op_type]
+    assert ops == ["SparseAttention", "GroupQueryAttention"] * 2
+    sess, cap = _session(pkg), 320
+    buffers = {i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], cap, i.shape[3]), np.float32))
+               for i in sess.get_inputs() if i.name.startswith("past")}
+    ids, w, cfg = _ids(300, 600, seed=4), ref.load_weights(small_ckpt), _cfg(small_ckpt)
+    got, want = [], []
+    for a, b in [(0, 256)] + [(t, t + 1) for t in range(256, 300)]:
+        io = sess.io_binding()
+        io.bind_cpu_input("input_ids", ids[:, a:b])
+        io.bind_cpu_input("attention_mask", np.ones((1, b), np.int64))
+        for name, buf in buffers.items():
+            io.bind_ortvalue_input(name, buf)
+            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), buf)
+        io.bind_output("logits")
+        sess.run_with_iobinding(io)
+        got.append(io.copy_outputs_to_cpu()[-1][:, -1:])
+        want.append(_reference(small_ckpt, ids[:, :b], w)[:, -1:])
+    _finite_close(np.concatenate(got, 1), np.concatenate(want, 1), "SparseAttention (CPU kernel, shared KV) prefill 256 + 44 steps")
