@@ -143,15 +143,15 @@ def random_weights(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor
     hd = h // cfg["num_attention_heads"]
     qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd
     rnd = lambda *shape, std=1.0: torch.randn(*shape, generator=g) * std  # noqa: E731
-    w = {"model.embed_tokens.weight": rnd(v, h, std=0.1), "model.final_layernorm.weight": 1 + rnd(h, std=0.1),
+    w = {"model.embed_tokens.weight": rnd(v, h, std=1.0), "model.final_layernorm.weight": 2 + rnd(h, std=0.1),
          "model.final_layernorm.bias": rnd(h, std=0.1)}
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}"
         for norm in ("input_layernorm", "post_attention_layernorm"):
             w[f"{p}.{norm}.weight"], w[f"{p}.{norm}.bias"] = 1 + rnd(h, std=0.1), rnd(h, std=0.1)
-        w[f"{p}.self_attn.query_key_value.weight"], w[f"{p}.self_attn.query_key_value.bias"] = rnd(qkv, h, std=0.5), rnd(qkv, std=0.5)
+        w[f"{p}.self_attn.query_key_value.weight"], w[f"{p}.self_attn.query_key_value.bias"] = rnd(qkv, h, std=0.2), rnd(qkv, std=0.2)
         w[f"{p}.self_attn.dense.weight"], w[f"{p}.self_attn.dense.bias"] = rnd(h, h, std=0.1), rnd(h, std=0.1)
-        w[f"{p}.mlp.up_proj.weight"], w[f"{p}.mlp.up_proj.bias"] = rnd(2 * i, h, std=2.0), rnd(2 * i, std=1.0)
+        w[f"{p}.mlp.up_proj.weight"], w[f"{p}.mlp.up_proj.bias"] = rnd(2 * i, h, std=1.0), rnd(2 * i, std=1.0)
         w[f"{p}.mlp.down_proj.weight"], w[f"{p}.mlp.down_proj.bias"] = rnd(h, i, std=0.02), rnd(h, std=0.1)
     if not cfg.get("tie_word_embeddings", True):
         w["lm_head.weight"] = rnd(v, h, std=0.1)
