@@ -23,6 +23,7 @@ import base64
 import json
 import math
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ def train_ranks(text: str, merges: int) -> dict[bytes, int]:
     for _ in range(merges):
         pairs: Counter = Counter()
         for word, n in words.items():
-            for a, b in zip(word, word[1:]):
+            for a, b in pairwise(word):
                 pairs[a, b] += n
         if not pairs:
             break
@@ -93,7 +94,7 @@ def _bpe(piece: bytes, ranks: dict[bytes, int]) -> list[int]:
         return [ranks[piece]]
     parts = [bytes([b]) for b in piece]
     while len(parts) > 1:
-        best = min(((ranks.get(parts[i] + parts[i + 1], math.inf), i) for i in range(len(parts) - 1)))
+        best = min((ranks.get(parts[i] + parts[i + 1], math.inf), i) for i in range(len(parts) - 1))
         if best[0] == math.inf:
             break
         i = best[1]
@@ -142,7 +143,7 @@ def random_weights(cfg: dict[str, Any], seed: int = 0) -> dict[str, torch.Tensor
     h, i, v = cfg["hidden_size"], cfg["ff_intermediate_size"], cfg["vocab_size"]
     hd = h // cfg["num_attention_heads"]
     qkv = (cfg["num_attention_heads"] + 2 * cfg["num_key_value_heads"]) * hd
-    rnd = lambda *shape, std=1.0: torch.randn(*shape, generator=g) * std  # noqa: E731
+    rnd = lambda *shape, std=1.0: torch.randn(*shape, generator=g) * std
     w = {"model.embed_tokens.weight": rnd(v, h, std=1.0), "model.final_layernorm.weight": 2 + rnd(h, std=0.1),
          "model.final_layernorm.bias": rnd(h, std=0.1)}
     for layer in range(cfg["num_hidden_layers"]):
@@ -222,7 +223,7 @@ def reference_forward(w: dict[str, torch.Tensor], cfg: dict[str, Any], ids: torc
     """logits [1, S, vocab] and the new cache (rotated keys, values per layer: [1, kv, total, hd])."""
     h, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd, group, eps = h // nh, nh // nkv, cfg["layer_norm_epsilon"]
-    ln = lambda x, name: torch.nn.functional.layer_norm(x, (h,), w[f"{name}.weight"], w[f"{name}.bias"], eps)  # noqa: E731
+    ln = lambda x, name: torch.nn.functional.layer_norm(x, (h,), w[f"{name}.weight"], w[f"{name}.bias"], eps)
     seq = ids.shape[1]
     start = past[0][0].shape[2] if past else 0
     total = start + seq

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+import phi3_small_ref as ref
 import pytest
 import torch
 
-import phi3_small_ref as ref
 from phi3_onnx import export
 from phi3_onnx.checkpoint import spec_from_config, spec_from_folder
 from phi3_onnx.checkpoint import tiktoken as tk
@@ -215,7 +215,7 @@ def test_sparse_attention_graph_matches_reference(small_ckpt: Path, tmp_path: Pa
     sess, cap = _session(pkg), 320
     buffers = {i.name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, i.shape[1], cap, i.shape[3]), np.float32))
                for i in sess.get_inputs() if i.name.startswith("past")}
-    ids, w, cfg = _ids(300, 600, seed=4), ref.load_weights(small_ckpt), _cfg(small_ckpt)
+    ids, w = _ids(300, 600, seed=4), ref.load_weights(small_ckpt)
     got, want = [], []
     for a, b in [(0, 256)] + [(t, t + 1) for t in range(256, 300)]:
         io = sess.io_binding()

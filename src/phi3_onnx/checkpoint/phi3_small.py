@@ -17,9 +17,10 @@ reads one layout:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -107,7 +108,6 @@ def spec_from_small_config(cfg: dict[str, Any], name: str, generation_eos: list[
         raise Phi3OnnxError(f"config.json: rope_position_scale {cfg['rope_position_scale']!r} is not supported (only 1.0)")
     hidden, heads = as_int(cfg, "hidden_size"), as_int(cfg, "num_attention_heads")
     vocab = as_int(cfg, "vocab_size")
-    head_dim = hidden // heads if heads and hidden % heads == 0 else 0
     rope_cfg = {k: v for k, v in cfg.items() if k not in ("hidden_act", "rms_norm_eps", "intermediate_size")}
     rope_cfg |= {"rope_theta": cfg.get("rope_embedding_base", 1_000_000.0), "rms_norm_eps": cfg.get("layer_norm_epsilon", 1e-5),
                  "intermediate_size": _intermediate(cfg, hidden, as_int), "hidden_act": "silu",
@@ -229,5 +229,15 @@ def open_small(folder: Path, spec: ModelSpec) -> Phi3SmallCheckpoint:
     return Phi3SmallCheckpoint(SafetensorsCheckpoint(folder), spec)
 
 
-__all__ = ["ARCHITECTURE", "MODEL_TYPE", "Phi3SmallCheckpoint", "SMALL_TENSORS", "bias_name", "check_small_tensors",
-           "is_phi3_small", "open_small", "small_names", "spec_from_small_config"]
+__all__ = [
+    "ARCHITECTURE",
+    "MODEL_TYPE",
+    "SMALL_TENSORS",
+    "Phi3SmallCheckpoint",
+    "bias_name",
+    "check_small_tensors",
+    "is_phi3_small",
+    "open_small",
+    "small_names",
+    "spec_from_small_config",
+]

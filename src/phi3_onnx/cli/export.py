@@ -34,7 +34,7 @@ def export(
     context_length: Annotated[Optional[int], typer.Option(help=(
         "Cap the package's context (default: the model's). Phi-3-mini-4k at <= 2047 needs no sliding "
         "window in the graph: faster CUDA decode"))] = None,
-    tiktoken: Annotated[Optional[Path], typer.Option(help=(
+    tiktoken: Annotated[Path | None, typer.Option(help=(
         "Phi-3-small: the cl100k_base .tiktoken BPE ranks (default: a *.tiktoken file in the checkpoint, else tiktoken's cache)"))] = None,
 ) -> None:
     """Export a Phi-3 checkpoint to an ONNX Runtime package (several --target: a bundle, one folder each)."""

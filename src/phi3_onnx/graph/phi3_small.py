@@ -28,9 +28,21 @@ import onnx_ir as ir
 
 from phi3_onnx.checkpoint.phi3_small import bias_name
 from phi3_onnx.checkpoint.tensors import tensor_name
-from phi3_onnx.graph.attention import ROTARIES, AttentionInputs, QKV, _qkv_rows, make_attention_inputs
+from phi3_onnx.graph.attention import (
+    QKV,
+    ROTARIES,
+    AttentionInputs,
+    _qkv_rows,
+    make_attention_inputs,
+)
 from phi3_onnx.graph.blocksparse import csr_layout, head_offsets
-from phi3_onnx.graph.builder import MS_DOMAIN, Context, WeightRef, make_linear, make_weight
+from phi3_onnx.graph.builder import (
+    MS_DOMAIN,
+    Context,
+    WeightRef,
+    make_linear,
+    make_weight,
+)
 from phi3_onnx.spec import SmallSpec
 
 SPARSE_ATTENTION_PROVIDERS = ("cuda",)  # EPs whose graphs use com.microsoft.SparseAttention on sparse layers
@@ -68,7 +80,7 @@ def make_sparse_bias(ctx: Context, mask: ir.Value) -> ir.Value:
     (causality inside and across blocks is GQA's own)
     """
     b, small = ctx.b, small_of(ctx)
-    i64 = lambda name, v: _c(ctx, name, np.array(v, np.int64))  # noqa: E731
+    i64 = lambda name, v: _c(ctx, name, np.array(v, np.int64))
     total = b.op("Squeeze", [b.op("Shape", [mask], "/model/sparse/mask_shape", start=1, end=2)], "/model/sparse/total")
     seq = b.op("Squeeze", [b.op("Shape", [ctx.input_ids], "/model/sparse/ids_shape", start=1, end=2)], "/model/sparse/seq")
     one, block = i64("one", 1), i64("block", small.block_size)
@@ -235,5 +247,15 @@ def scale_logits(ctx: Context, logits: ir.Value) -> ir.Value:
                 "/lm_head/dummy_Where")
 
 
-__all__ = ["SPARSE_ATTENTION_PROVIDERS", "SmallAttentionInputs", "make_gegelu_mlp", "make_layer_norm", "make_small_attention",
-           "make_small_attention_inputs", "scale_embedding", "make_sparse_bias", "scale_logits", "sparse_op"]
+__all__ = [
+    "SPARSE_ATTENTION_PROVIDERS",
+    "SmallAttentionInputs",
+    "make_gegelu_mlp",
+    "make_layer_norm",
+    "make_small_attention",
+    "make_small_attention_inputs",
+    "make_sparse_bias",
+    "scale_embedding",
+    "scale_logits",
+    "sparse_op",
+]

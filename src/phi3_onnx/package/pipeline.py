@@ -94,10 +94,10 @@ def _with_context(spec: ModelSpec, tokens: int | None) -> ModelSpec:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def _check_tokenizer(source: Path, spec: ModelSpec | None = None, options: ExportOptions = ExportOptions()) -> None:
+def _check_tokenizer(source: Path, spec: ModelSpec | None = None, options: ExportOptions | None = None) -> None:
     """genai loads the tokenizer from the package folder: a checkpoint without one exports an unusable package."""
     if spec is not None and spec.small is not None:  # Phi-3-small: tiktoken ranks, converted when packaging
-        tiktoken.find_ranks(source, options.tiktoken)
+        tiktoken.find_ranks(source, options.tiktoken if options else None)
         return
     if not any((source / f).is_file() for f in TOKENIZER_FILES):
         raise Phi3OnnxError(f"{source} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the package could not tokenize")
