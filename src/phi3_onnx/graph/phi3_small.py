@@ -10,7 +10,7 @@ The checkpoint is read under Phi-3 names with q/k/v and the gegelu halves de-int
                               └─▶ SparseAttention(block_row/col_indices)  (CUDA)
     gate_up ──Add(bias)──Split──▶ gelu half: Where(IsInf, x, Min(x, limit))  ──x·σ(1.702x)──┐
                               └─▶ linear half: Where(IsInf, x, Clip(±limit)) + 1 ──────────Mul──down──Add(bias)
-    logits ──Div(mup_width_multiplier)──Where(dummy ids, lowest)──▶ logits
+    logits ──Div(mup_width_multiplier)──Where(dummy ids, -65504)──▶ logits
 
 Which attention op a sparse layer gets (`sparse_op`): ORT's SparseAttention needs past and present
 in one shared buffer (a max-length KV cache bound with IO binding: what onnxruntime-genai does), and
@@ -44,8 +44,8 @@ from phi3_onnx.graph.builder import (
     make_weight,
 )
 from phi3_onnx.spec import SmallSpec
+from phi3_onnx.targets import SPARSE_ATTENTION_PROVIDERS
 
-SPARSE_ATTENTION_PROVIDERS = ("cuda",)  # EPs whose graphs use com.microsoft.SparseAttention on sparse layers
 SPARSE_BLOCK_SIZES = (16, 32, 64, 128)  # SparseAttention's sparse_block_size choices
 
 
@@ -235,15 +235,20 @@ def scale_embedding(ctx: Context, rows: ir.Value) -> ir.Value:
     return ctx.b.op("Mul", [rows, ctx.b.const("/model/embed_tokens/mup_multiplier", np.array(m, ctx.np_dtype))], "/model/embed_tokens/Mul")
 
 
+# the logit of dummy vocabulary ids in every dtype: fp16's lowest value. The reference writes its dtype's
+# minimum; either way their probability is exactly 0, and fp16 and fp32 packages agree there
+MASKED_LOGIT = float(np.finfo(np.float16).min)
+
+
 def scale_logits(ctx: Context, logits: ir.Value) -> ir.Value:
-    """logits / mup_width_multiplier; dummy vocabulary ids forced to the lowest value (as the reference)."""
+    """logits / mup_width_multiplier; dummy vocabulary ids forced to MASKED_LOGIT (the reference: the dtype's minimum)."""
     b, small, dt = ctx.b, small_of(ctx), ctx.np_dtype
     out = b.op("Div", [logits, b.const("/lm_head/mup_width", np.array(small.width_multiplier, dt))], "/lm_head/mup_Div")
     if not small.dummy_token_ids:
         return out
     dummy = np.zeros(ctx.spec.vocab_size, bool)
     dummy[list(small.dummy_token_ids)] = True
-    return b.op("Where", [b.const("/lm_head/dummy_tokens", dummy), b.const("/lm_head/lowest", np.array(np.finfo(dt).min, dt)), out],
+    return b.op("Where", [b.const("/lm_head/dummy_tokens", dummy), b.const("/lm_head/masked", np.array(MASKED_LOGIT, dt)), out],
                 "/lm_head/dummy_Where")
 
 
