@@ -113,7 +113,7 @@ def _peak_ram(spec: ModelSpec, largest_tensor: int, target: Target) -> int:
 
 def _awq_ram(spec: ModelSpec, target: Target) -> int:
     """AWQ's extra: one layer's float32 weights (three copies) and the calibration hidden states."""
-    if target.quant is None or target.quant.method != "awq":
+    if target.quant is None or target.quant.method != "awq" or spec.small is not None:  # Phi-3-small: RTN fallback
         return 0
     layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
                 for r, t in TENSORS.items() if t.per_layer) * 4
