@@ -413,3 +413,32 @@ def test_eval_int4_against_fp32(exported, small_ckpt: Path, tmp_path: Path) -> N
     print("eval int4-cpu:", row["status"], row.get("metrics"))
     assert rc == 0 and row["status"] == "pass" and row["metrics"]["tokens"] > 300
     assert main([*args, "--json", str(tmp_path / "default.json")]) == 1
+
+
+def test_full_size_graphs_and_layout() -> None:
+    """Phi-3-small-8k's graphs from the preset (weights stay lazy, nothing is read): CUDA has 16 SparseAttention
+    layers over an 8-layout CSR (32 heads use the period-8 pattern cyclically, as ORT assigns head h layout h % 8),
+    CPU 16 GQA layers with the block-sparse bias; the CSR rows are the dense block mask's."""
+    from phi3_onnx.checkpoint import preset
+    from phi3_onnx.graph import build_model
+    from phi3_onnx.graph.blocksparse import block_layout, csr_layout
+
+    spec = preset("phi3-small-8k")
+    rows, cols = csr_layout(spec)
+    assert rows.shape == (8, 129) and cols.shape[0] == 8
+    full = dataclasses.replace(spec, num_heads=32)
+    layouts = block_layout(full)
+    q, k = np.arange(128)[:, None], np.arange(128)[None, :]
+    for h in range(32):  # the reference rule per head, against the layout ORT would give head h
+        vertical = (np.arange(128) + h + 1) % 8 == 0
+        want = (q >= k) & (((q - k) < 16) | vertical[None, :])
+        np.testing.assert_array_equal(layouts[h % 8], want)
+    for layout in range(8):  # CSR decodes back to the dense mask
+        dense = np.zeros((128, 128), bool)
+        for r in range(128):
+            dense[r, cols[layout, rows[layout, r]:rows[layout, r + 1]]] = True
+        np.testing.assert_array_equal(dense, layouts[layout])
+    for target, sparse in (("int4-cuda", "SparseAttention"), ("int4-cpu", "GroupQueryAttention")):
+        graph = build_model(spec, TARGETS[target], weights=None).graph  # type: ignore[arg-type]
+        ops = [n.op_type for n in graph if "Attention" in n.op_type]
+        assert ops == [sparse, "GroupQueryAttention"] * 16
