@@ -270,11 +270,18 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(str(folder / "model.safetensors")).items()}
 
 
-def reference_greedy(w, cfg, prompt: list[int], new: int) -> list[int]:
+def reference_greedy(w, cfg, prompt: list[int], new: int, rebuild_past_original: bool = False) -> list[int]:
+    """Greedy tokens over the cache; with rebuild_past_original (LongRoPE), the step that first passes the
+    original context recomputes the whole sequence, as transformers' generate and phi3_onnx.runtime do."""
     logits, past = reference_forward(w, cfg, torch.tensor([prompt]))
+    seq, orig = list(prompt), cfg.get("original_max_position_embeddings")
     out = []
     for _ in range(new):
         nxt = int(logits[0, -1].argmax())
         out.append(nxt)
-        logits, past = reference_forward(w, cfg, torch.tensor([[nxt]]), past)
+        seq.append(nxt)
+        if rebuild_past_original and orig and len(seq) == orig + 1:
+            logits, past = reference_forward(w, cfg, torch.tensor([seq]))
+        else:
+            logits, past = reference_forward(w, cfg, torch.tensor([[nxt]]), past)
     return out

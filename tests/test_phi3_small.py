@@ -256,6 +256,23 @@ def test_genai_greedy_equals_reference_greedy(exported, small_ckpt: Path) -> Non
     assert got == want
 
 
+def test_runtime_greedy_across_the_original_context(exported, small_longrope_ckpt: Path) -> None:
+    """phi3_onnx.runtime (genai underneath) on the LongRoPE variant: one cache rebuild at the crossing of the
+    original context (128), greedy tokens equal the reference's with the same rebuild."""
+    from phi3_onnx.runtime import GenerationOptions, load
+
+    pkg = exported("fp32-cpu", small_longrope_ckpt)
+    prompt = _ids(100, 600, seed=6)[0].tolist()
+    model = load(pkg)
+    options = GenerationOptions(max_new_tokens=60, min_new_tokens=60)
+    decoder = model.new_decoder(options, len(prompt))
+    got = list(model.token_ids(decoder, prompt, options))
+    with torch.no_grad():
+        want = ref.reference_greedy(ref.load_weights(small_longrope_ckpt), _cfg(small_longrope_ckpt), prompt, 60,
+                                    rebuild_past_original=True)
+    assert decoder.rebuilds == 1 and got == want
+
+
 # ----------------------------------------------------------------------------- tokenizer
 
 
