@@ -37,19 +37,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
-import torch  # noqa: E402
+import phi3_small_ref as ref
+import torch
 
-import phi3_small_ref as ref  # noqa: E402
-from phi3_onnx import export  # noqa: E402
-from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4  # noqa: E402
-from phi3_onnx.targets import TARGETS  # noqa: E402
+from phi3_onnx import export
+from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
+from phi3_onnx.targets import TARGETS
 
 TARGET_NAMES = ("fp16-cuda", "int4-cuda", "int4-awq-cuda")
 PREFILL, DECODE, CAPACITY = 1024, 48, 1152
 TOL = {"fp16-cuda": 2e-2, "int4-cuda": 2e-2, "int4-awq-cuda": 2e-2}  # fp16 activations, fp32 reference
-OVERRIDES = dict(hidden_size=512, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4, ff_intermediate_size=1024,
-                 blocksparse_block_size=64, blocksparse_triton_kernel_block_size=64, blocksparse_num_local_blocks=2,
-                 blocksparse_vert_stride=4, max_position_embeddings=2048)
+OVERRIDES = {"hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
+             "ff_intermediate_size": 1024, "blocksparse_block_size": 64, "blocksparse_triton_kernel_block_size": 64,
+             "blocksparse_num_local_blocks": 2, "blocksparse_vert_stride": 4, "max_position_embeddings": 2048}
 
 
 def build_checkpoint(folder: Path) -> Path:
