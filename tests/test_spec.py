@@ -24,13 +24,18 @@ def _v5_form(cfg: dict) -> dict:
     return cfg
 
 
-@pytest.mark.parametrize("name", PRESET_NAMES)
+# Phi3ForCausalLM presets: Phi-3-small's config (remote code, one form only, PretrainedConfig defaults such as
+# tied embeddings) is not Phi3Config's; tests/test_phi3_small.py checks its preset
+PHI3_PRESETS = [n for n in PRESET_NAMES if not n.startswith("phi3-small")]
+
+
+@pytest.mark.parametrize("name", PHI3_PRESETS)
 def test_both_config_forms_give_one_spec(name: str) -> None:
     cfg = preset_config(name)
     assert spec_from_config(_v5_form(cfg), name=name) == spec_from_config(cfg, name=name)
 
 
-@pytest.mark.parametrize("name", PRESET_NAMES)
+@pytest.mark.parametrize("name", PHI3_PRESETS)
 def test_presets_match_transformers_reading(name: str) -> None:
     """Spec fields and the LongRoPE attention factor agree with transformers' own parsing."""
     from transformers import Phi3Config

@@ -37,6 +37,39 @@ class MoeSpec:
 
 
 @dataclass(frozen=True)
+class SmallSpec:
+    """Phi-3-small (Phi3SmallForCausalLM) specifics: block-sparse attention layout, gegelu, muP multipliers.
+
+    A layer is dense when dense_every divides layer + 1 (0: every layer block-sparse); the others see,
+    per query block, the `local_blocks` latest key blocks and every key block b with
+    (b + head * head_step + 1) % vert_stride == 0 (head_step 0 when the pattern is homogeneous).
+    """
+
+    block_size: int
+    local_blocks: int
+    vert_stride: int
+    homo_head_pattern: bool
+    dense_every: int
+    gegelu_limit: float | None
+    embedding_multiplier: float  # hidden = embedding * m (m <= 0: no scaling, as the reference)
+    width_multiplier: float  # logits = lm_head(x) / m
+    attention_scale: float  # softmax scale: mup_attn_multiplier / head_dim, or 1/sqrt(head_dim)
+    dummy_token_ids: tuple[int, ...] = ()  # logits forced to the dtype's minimum (unused vocabulary rows)
+
+    def is_dense(self, layer: int) -> bool:
+        return bool(self.dense_every) and (layer + 1) % self.dense_every == 0
+
+    def head_step(self, num_heads: int) -> int:
+        return 0 if self.homo_head_pattern else max(1, int(self.vert_stride / num_heads))
+
+
+# fields added after the first manifests were written: omitted from to_dict() at their defaults,
+# so packages of models without them keep byte-identical manifests
+_LATER_FIELDS = {"architecture": "Phi3ForCausalLM", "norm": "rms", "attention_bias": False, "lm_head_bias": False,
+                 "moe": None, "small": None}
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """Architecture hyper-parameters of one Phi-3 model (no weights)."""
 
@@ -59,10 +92,11 @@ class ModelSpec:
     pad_token_id: int = 32000
     name: str = "phi3"
     architecture: str = "Phi3ForCausalLM"
-    norm: str = "rms"  # "rms" (Phi-3: RMSNorm) | "layer" (Phi-3.5-MoE: LayerNorm with bias)
-    attention_bias: bool = False  # q/k/v/o projections carry biases
+    norm: str = "rms"  # "rms" (RMSNorm, Phi-3) | "layer" (LayerNorm with bias: Phi-3.5-MoE, Phi-3-small); eps is rms_norm_eps
+    attention_bias: bool = False  # q/k/v/o projections carry biases (Phi-3-small: the MLP's linears too)
     lm_head_bias: bool = False
     moe: MoeSpec | None = None  # the MLP is a mixture of experts (Phi-3.5-MoE)
+    small: SmallSpec | None = None  # Phi-3-small's block-sparse attention, gegelu and muP
 
     @property
     def head_dim(self) -> int:
@@ -111,12 +145,18 @@ class ModelSpec:
             + norms * self.hidden_size
             + (self.qkv_dim + self.hidden_size if self.attention_bias else 0)
         )
+        if self.small is not None and self.attention_bias:  # Phi-3-small's up_proj and down_proj biases
+            per_layer += 2 * self.intermediate_size + self.hidden_size
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size + (self.vocab_size if self.lm_head_bias else 0)
         final_norm = self.hidden_size * (1 if self.norm == "rms" else 2)
         return self.vocab_size * self.hidden_size + self.num_layers * per_layer + final_norm + head
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for key, default in _LATER_FIELDS.items():
+            if data[key] == default:
+                del data[key]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
@@ -133,8 +173,11 @@ class ModelSpec:
         if moe is not None:
             data["moe"] = MoeSpec(int(moe["num_experts"]), int(moe["top_k"]), float(moe["router_jitter_eps"]))
         data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+        small = data.pop("small", None)
+        if small is not None:
+            data["small"] = SmallSpec(**{**small, "dummy_token_ids": tuple(small.get("dummy_token_ids", ()))})
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(longrope=rope, **{k: v for k, v in data.items() if k in known})
 
 
-__all__ = ["LongRope", "ModelSpec", "MoeSpec"]
+__all__ = ["LongRope", "ModelSpec", "MoeSpec", "SmallSpec"]

@@ -7,14 +7,15 @@ import math
 from pathlib import Path
 from typing import Any
 
+from phi3_onnx.checkpoint.phi3_small import is_phi3_small, spec_from_small_config
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.spec import LongRope, ModelSpec, MoeSpec
 
-SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "PhimoeForCausalLM", "PhiMoEForCausalLM")
-# model_type -> the architectures it may name (the hub's Phi-3.5-MoE config spells it PhiMoEForCausalLM)
+SUPPORTED_ARCHITECTURES = ("Phi3ForCausalLM", "PhimoeForCausalLM", "PhiMoEForCausalLM", "Phi3SmallForCausalLM")
+# model_type -> the architectures it may name (the hub's Phi-3.5-MoE config spells it PhiMoEForCausalLM);
+# Phi-3-small configs (model_type phi3small) are read by checkpoint.phi3_small before this check
 _MODEL_TYPES = {"phi3": ("Phi3ForCausalLM",), "phimoe": ("PhimoeForCausalLM", "PhiMoEForCausalLM")}
 _UNSUPPORTED_HINTS = {
-    "Phi3SmallForCausalLM": "Phi-3-small (blocksparse attention) is not supported yet",
     "Phi3VForCausalLM": "Phi-3-vision is not supported yet",
 }
 
@@ -80,11 +81,14 @@ def _check_architecture(cfg: dict[str, Any]) -> None:
         if arch in _UNSUPPORTED_HINTS:
             raise Phi3OnnxError(f"{arch}: {_UNSUPPORTED_HINTS[arch]}")
     model_type = cfg.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise Phi3OnnxError(f"config.json: model_type must be a string, got {model_type!r:.80}")
     known = _MODEL_TYPES.get(model_type, ()) if model_type is not None else SUPPORTED_ARCHITECTURES
     if model_type is not None and model_type not in _MODEL_TYPES or archs and not any(a in known for a in archs):
         found = ", ".join(archs) or str(model_type)
         raise Phi3OnnxError(f"unsupported architecture {found} (model_type {model_type!r}): "
-                            "phi3-onnx exports Phi3ForCausalLM (model_type phi3) and PhimoeForCausalLM (model_type phimoe) checkpoints")
+                            "phi3-onnx exports Phi3ForCausalLM (model_type phi3), PhimoeForCausalLM (phimoe) and "
+                            "Phi3SmallForCausalLM (phi3small) checkpoints")
     if not archs and model_type is None:
         raise Phi3OnnxError("config.json names neither architectures nor model_type: not a Phi-3 config")
 
@@ -203,8 +207,14 @@ def _longrope(rope: dict[str, Any], max_pos: int, rotary_dim: int, orig: int, ph
 
 def spec_from_config(cfg: dict[str, Any], name: str = "phi3", generation_eos: list[int] | None = None) -> ModelSpec:
     """One typed spec from either config.json form found in the wild; every field checked, none truncated."""
+    if is_phi3_small(cfg):
+        return spec_from_small_config(cfg, name, generation_eos, _int, _phi3_spec)
     _check_architecture(cfg)
     _check_activation(cfg)
+    return _phi3_spec(cfg, name, generation_eos)
+
+
+def _phi3_spec(cfg: dict[str, Any], name: str = "phi3", generation_eos: list[int] | None = None) -> ModelSpec:
     hidden, heads = _int(cfg, "hidden_size"), _int(cfg, "num_attention_heads")
     kv_heads = _int(cfg, "num_key_value_heads", heads)
     vocab = _int(cfg, "vocab_size")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from phi3_onnx.errors import Phi3OnnxError
 
-HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "LICENSE*", "README*", "*.md"]
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.tiktoken", "*.txt", "LICENSE*", "README*", "*.md"]
 
 
 def resolve_model(model: str, cache_dir: str | None = None) -> Path:

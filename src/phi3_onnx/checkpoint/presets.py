@@ -11,7 +11,7 @@ from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.spec import ModelSpec
 
 PRESET_NAMES: tuple[str, ...] = ("phi3-mini-4k", "phi3-mini-128k", "phi3-medium-4k", "phi3-medium-128k", "phi3.5-mini",
-                                 "phi4-mini-instruct", "phi4")
+                                 "phi4-mini-instruct", "phi4", "phi3-small-8k")
 
 
 def preset_config(name: str) -> dict[str, Any]:

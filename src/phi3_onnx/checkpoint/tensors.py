@@ -149,6 +149,10 @@ def check_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
         from phi3_onnx.checkpoint.phimoe_tensors import check_phimoe_tensors
 
         return check_phimoe_tensors(ckpt, spec)
+    if spec.small is not None:  # Phi-3-small names its tensors its own way (checkpoint.phi3_small)
+        from phi3_onnx.checkpoint.phi3_small import check_small_tensors
+
+        return check_small_tensors(ckpt, spec)
     keys = {name: parse_name(name) for name in ckpt.names()}  # an unknown name is an error
     _check_layers(keys, spec)
     expected = expected_tensors(spec)

@@ -34,6 +34,8 @@ def export(
     context_length: Annotated[Optional[int], typer.Option(help=(
         "Cap the package's context (default: the model's). Phi-3-mini-4k at <= 2047 needs no sliding "
         "window in the graph: faster CUDA decode"))] = None,
+    tiktoken: Annotated[Path | None, typer.Option(help=(
+        "Phi-3-small: the cl100k_base .tiktoken BPE ranks (default: a *.tiktoken file in the checkpoint, else tiktoken's cache)"))] = None,
 ) -> None:
     """Export a Phi-3 checkpoint to an ONNX Runtime package (several --target: a bundle, one folder each)."""
     from phi3_onnx.package import CalibrationOptions, ExportOptions, export_bundle, pipeline
@@ -42,6 +44,7 @@ def export(
         max_length=max_length, context_length=context_length, block_size=block_size, accuracy_level=accuracy_level,
         quantize_embedding=quantize_embedding or None,
         calibration=CalibrationOptions(str(calibration) if calibration else None, calibration_samples),
+        tiktoken=str(tiktoken) if tiktoken else None,
     )
     if dry_run:
         for plan in pipeline.dry_run(model, target, output, options, force=force):

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from phi3_onnx.errors import Phi3OnnxError
+from phi3_onnx.targets import needs_shared_kv
 from phi3_onnx.targets.providers import ORT_NAMES
 from phi3_onnx.manifest import MANIFEST, Manifest, read_manifest
 
@@ -89,8 +90,29 @@ class PackageSource:
         return feeds
 
     def logits(self, input_ids: np.ndarray) -> np.ndarray:
+        if needs_shared_kv(self.manifest.model, self.manifest.target):
+            return self._shared_kv_logits(input_ids)
         (out,) = self.session.run(["logits"], self.feeds(input_ids))
         return np.asarray(out[0], dtype=np.float32)
+
+    def _shared_kv_logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Phi-3-small's SparseAttention graphs: past and present bound to one zeroed buffer of the window's length."""
+        import onnxruntime as ort
+
+        spec, n = self.manifest.model, int(input_ids.shape[0])
+        device = "cuda" if self.ep == "CUDAExecutionProvider" else "cpu"
+        io = self.session.io_binding()
+        for name, value in self.feeds(input_ids).items():
+            if not name.startswith("past_key_values."):
+                io.bind_cpu_input(name, value)
+                continue
+            buf = np.zeros((1, spec.num_kv_heads, n, spec.head_dim), dtype=self.manifest.target.io_dtype)
+            kv = ort.OrtValue.ortvalue_from_numpy(buf, device, 0)
+            io.bind_ortvalue_input(name, kv)
+            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), kv)
+        io.bind_output("logits", "cpu")
+        self.session.run_with_iobinding(io)
+        return np.asarray(io.copy_outputs_to_cpu()[-1][0], dtype=np.float32)
 
 
 @dataclass

@@ -16,12 +16,16 @@ DirectML graph capture replay one recorded decode step, so even the LongRoPE swi
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import onnx_ir as ir
 
 from phi3_onnx.checkpoint.tensors import lm_head_role, tensor_name
-from phi3_onnx.graph.attention import make_attention, make_attention_inputs
 from phi3_onnx.checkpoint.phimoe_tensors import PhimoeWeights
+from phi3_onnx.graph import phi3_small
+from phi3_onnx.graph.attention import AttentionInputs, make_attention, make_attention_inputs
 from phi3_onnx.graph.builder import (MS_DOMAIN, OPSET, Context, GraphBuilder, Int4Packer, WeightSource, make_bias_add,
                                      make_int4_weight, make_linear, make_weight)
 from phi3_onnx.graph.mlp import make_mlp
@@ -145,6 +149,38 @@ def make_position_ids_input(ctx: Context) -> ir.Value | None:
     return _io("position_ids", ir.DataType.INT64, ["batch_size", "sequence_length"])
 
 
+@dataclass(frozen=True)
+class DecoderParts:
+    """The subgraph functions of one architecture; build_model wires them the same way for all."""
+
+    attention_inputs: Callable[..., AttentionInputs]
+    embedding: Callable[[Context, ir.Value], ir.Value]
+    norm: Callable[[Context, str, ir.Value | None, ir.Value, str], tuple[ir.Value, ir.Value]]
+    attention: Callable[..., tuple[ir.Value, ir.Value, ir.Value]]
+    mlp: Callable[[Context, int, ir.Value], ir.Value]
+    head: Callable[[Context, ir.Value], ir.Value]
+
+
+def make_phi3_mlp(ctx: Context, layer: int, x: ir.Value) -> ir.Value:
+    """Phi-3's SwiGLU MLP, or Phi-3.5-MoE's mixture of them (graph/moe.py)."""
+    return make_mlp(ctx, layer, x) if ctx.spec.moe is None else make_moe(ctx, layer, x)
+
+
+PHI3 = DecoderParts(make_attention_inputs, make_embedding, make_norm, make_attention, make_phi3_mlp, make_lm_head)
+PHI3_SMALL = DecoderParts(  # LayerNorm + biases, gegelu, muP scaling, block-sparse attention (graph/phi3_small.py)
+    phi3_small.make_small_attention_inputs,
+    lambda ctx, ids: phi3_small.scale_embedding(ctx, make_embedding(ctx, ids)),
+    phi3_small.make_layer_norm,
+    phi3_small.make_small_attention,
+    phi3_small.make_gegelu_mlp,
+    lambda ctx, x: phi3_small.scale_logits(ctx, make_lm_head(ctx, x)),
+)
+
+
+def decoder_parts(spec: ModelSpec) -> DecoderParts:
+    return PHI3_SMALL if spec.small is not None else PHI3
+
+
 def build_model(spec: ModelSpec, target: Target, weights: WeightSource, pack_int4: Int4Packer | None = None) -> ir.Model:
     """The whole decoder graph for one target; weights stay lazy until saved.
 
@@ -159,23 +195,24 @@ def build_model(spec: ModelSpec, target: Target, weights: WeightSource, pack_int
     mask = _io("attention_mask", ir.DataType.INT64, ["batch_size", "total_sequence_length"])
     position_ids = make_position_ids_input(ctx)
     inputs = [input_ids, mask, *([position_ids] if position_ids is not None else [])]
-    attn = make_attention_inputs(ctx, mask, position_ids)
-    hidden, residual = None, make_embedding(ctx, input_ids)
+    parts = decoder_parts(spec)
+    attn = parts.attention_inputs(ctx, mask, position_ids)
+    hidden, residual = None, parts.embedding(ctx, input_ids)
     presents = []
     for i in range(spec.num_layers):
         past_k = _io(f"past_key_values.{i}.key", ctx.dtype, kv_shape)
         past_v = _io(f"past_key_values.{i}.value", ctx.dtype, kv_shape)
         inputs += [past_k, past_v]
-        normed, residual = make_norm(ctx, f"/model/layers.{i}/input_layernorm", hidden, residual, tensor_name("input_layernorm", i))
-        attn_out, pk, pv = make_attention(ctx, i, normed, past_k, past_v, attn)
-        normed, residual = make_norm(ctx, f"/model/layers.{i}/post_attention_layernorm", attn_out, residual, tensor_name("post_attention_layernorm", i))
-        hidden = make_mlp(ctx, i, normed) if spec.moe is None else make_moe(ctx, i, normed)
+        normed, residual = parts.norm(ctx, f"/model/layers.{i}/input_layernorm", hidden, residual, tensor_name("input_layernorm", i))
+        attn_out, pk, pv = parts.attention(ctx, i, normed, past_k, past_v, attn)
+        normed, residual = parts.norm(ctx, f"/model/layers.{i}/post_attention_layernorm", attn_out, residual, tensor_name("post_attention_layernorm", i))
+        hidden = parts.mlp(ctx, i, normed)
         pk.name, pv.name = f"present.{i}.key", f"present.{i}.value"
         pk.type, pv.type = ir.TensorType(ctx.dtype), ir.TensorType(ctx.dtype)
         pk.shape, pv.shape = ir.Shape(present_shape), ir.Shape(present_shape)
         presents += [pk, pv]
-    normed, _ = make_norm(ctx, "/model/norm", hidden, residual, tensor_name("norm"))
-    logits = make_lm_head(ctx, normed)
+    normed, _ = parts.norm(ctx, "/model/norm", hidden, residual, tensor_name("norm"))
+    logits = parts.head(ctx, normed)
     logits.name = "logits"
     logits.type, logits.shape = ir.TensorType(ctx.dtype), ir.Shape(["batch_size", "sequence_length", spec.vocab_size])
     outputs = [logits, *presents]

@@ -47,7 +47,7 @@ def genai_config(spec: ModelSpec, target: Target, max_length: int) -> dict[str, 
             },
             "eos_token_id": eos if len(eos) > 1 else eos[0],
             "pad_token_id": spec.pad_token_id,
-            "type": "phi3" if spec.moe is None else "phimoe",
+            "type": "phimoe" if spec.moe is not None else "phi3small" if spec.small is not None else "phi3",
             "vocab_size": spec.vocab_size,
         },
         "search": {

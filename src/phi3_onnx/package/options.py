@@ -20,6 +20,7 @@ class ExportOptions:
     accuracy_level  MatMulNBits accuracy_level override (quantized targets only)
     quantize_embedding  int4 embedding table (GatherBlockQuantized) in quantized targets; tied models always share one
     calibration     AWQ calibration text and sample count (AWQ targets only)
+    tiktoken        Phi-3-small: the .tiktoken BPE ranks file (None: one in the checkpoint, else tiktoken's cache)
     """
 
     max_length: int | None = None
@@ -28,6 +29,7 @@ class ExportOptions:
     accuracy_level: int | None = None
     quantize_embedding: bool | None = None
     calibration: CalibrationOptions = field(default_factory=CalibrationOptions)
+    tiktoken: str | None = None
 
     @classmethod
     def of(cls, calibration: str | None = None, calibration_samples: int | None = None, **fields: Any) -> ExportOptions:

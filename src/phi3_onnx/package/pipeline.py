@@ -18,7 +18,8 @@ from typing import Any
 
 import onnx_ir as ir
 
-from phi3_onnx.checkpoint import SafetensorsCheckpoint, check_tensors, resolve_model, spec_from_folder
+from phi3_onnx.checkpoint import SafetensorsCheckpoint, check_tensors, open_checkpoint, resolve_model, spec_from_folder
+from phi3_onnx.checkpoint import tiktoken
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.checkpoint.tensors import TENSORS
 from phi3_onnx.graph import WeightSource, build_model
@@ -94,8 +95,11 @@ def _with_context(spec: ModelSpec, tokens: int | None) -> ModelSpec:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
 
-def _check_tokenizer(source: Path) -> None:
+def _check_tokenizer(source: Path, spec: ModelSpec | None = None, options: ExportOptions | None = None) -> None:
     """genai loads the tokenizer from the package folder: a checkpoint without one exports an unusable package."""
+    if spec is not None and spec.small is not None:  # Phi-3-small: tiktoken ranks, converted when packaging
+        tiktoken.find_ranks(source, options.tiktoken if options else None)
+        return
     if not any((source / f).is_file() for f in TOKENIZER_FILES):
         raise Phi3OnnxError(f"{source} has no tokenizer ({' or '.join(TOKENIZER_FILES)}): the package could not tokenize")
 
@@ -110,8 +114,8 @@ def _peak_ram(spec: ModelSpec, largest_tensor: int, target: Target) -> int:
 
 def _awq_ram(spec: ModelSpec, target: Target) -> int:
     """AWQ's extra: one layer's float32 weights (three copies) and the calibration hidden states."""
-    if target.quant is None or target.quant.method != "awq" or spec.moe is not None:  # MoE: RTN fallback, no calibration
-        return 0
+    if target.quant is None or target.quant.method != "awq" or spec.moe is not None or spec.small is not None:
+        return 0  # Phi-3.5-MoE, Phi-3-small: RTN fallback, no calibration
     layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
                 for r, t in TENSORS.items() if t.per_layer) * 4
     return 3 * layer + 8 * 256 * spec.hidden_size * 4 * 4
@@ -135,8 +139,8 @@ def plan_export(model: str, target: str | Target, output: str | os.PathLike,
     tgt = resolve_target(target, options)
     source = resolve_model(model)
     spec = _with_context(spec_from_folder(source), options.context_length)
-    _check_tokenizer(source)
-    ckpt = SafetensorsCheckpoint(source)
+    _check_tokenizer(source, spec, options)
+    ckpt = open_checkpoint(source, spec)
     check_tensors(ckpt, spec)
     length = default_max_length(spec) if options.max_length is None else options.max_length
     if not 0 < length <= spec.max_position_embeddings:
@@ -155,6 +159,8 @@ def plan_export(model: str, target: str | Target, output: str | os.PathLike,
     files = ("model.onnx", "model.onnx.data", "genai_config.json", "manifest.json", *(p.name for p in _aux_files(source)))
     if wants_window_free(spec, tgt):
         files += (WINDOW_FREE_DECODER,)
+    if spec.small is not None:  # written by the tiktoken conversion
+        files = tuple(dict.fromkeys((*files, "tokenizer.json", "tokenizer_config.json")))
     plan = ExportPlan(source, spec, tgt, Path(output), length, weight_bytes, peak, tuple(sorted(files)), options,
                       _awq_ram(spec, tgt))
     return plan, ckpt
@@ -216,6 +222,8 @@ def write_package(plan: ExportPlan, quantized: Quantized, dest: Path, progress: 
     config = genai_config(plan.spec, plan.target, plan.max_length)
     (dest / "genai_config.json").write_text(json.dumps(config, indent=4) + "\n")
     _copy_aux(plan.source, dest)
+    if plan.spec.small is not None:
+        tiktoken.write_tokenizer(plan.source, dest, plan.spec.vocab_size, plan.options.tiktoken)
     manifest = Manifest(
         target=plan.target, model=plan.spec, max_length=plan.max_length, files=file_entries(dest),
         tool_versions=_tool_versions(), requires=dict(MIN_VERSIONS), source=plan.spec.name,

@@ -126,6 +126,9 @@ class AwqQuantizer:
     def prepare(self, job: QuantizeInput) -> Quantized:
         if job.spec.moe is not None:
             return Quantized(job.checkpoint, moe_awq_fallback_record(job.recipe))
+        if job.spec.small is not None:
+            return _rtn_fallback(job, "AWQ's calibration layer is Phi-3's (RMSNorm, SiLU); Phi-3-small's (LayerNorm, "
+                                      "gegelu, block-sparse attention) is not implemented: int4 RTN instead")
         try:
             from phi3_onnx.quantize import awq
         except ModuleNotFoundError as exc:
@@ -139,6 +142,12 @@ class AwqQuantizer:
 
     def packer(self) -> Int4Packer:
         return quantize_int4
+
+
+def _rtn_fallback(job: QuantizeInput, why: str) -> Quantized:
+    """RTN weights where the requested method cannot run, recorded as such in the manifest's recipe."""
+    record = _base_record(job.recipe) | {"method": "rtn", "requested_method": job.recipe.method, "fallback": why}
+    return Quantized(job.checkpoint, record)
 
 
 QUANTIZERS: dict[str, Quantizer] = registry((RtnQuantizer(), AwqQuantizer()), key=lambda q: q.method, what="quantizer")

@@ -199,6 +199,19 @@ TARGETS: dict[str, Target] = registry((
 ), key=lambda t: t.name, what="target")
 
 
+# EPs whose Phi-3-small graphs run block-sparse layers with com.microsoft.SparseAttention, which keeps past
+# and present in one shared max-length buffer: such packages must be fed that way (IO binding; genai does)
+SPARSE_ATTENTION_PROVIDERS: tuple[str, ...] = ("cuda",)
+
+
+def needs_shared_kv(spec: Any, target: Target) -> bool:
+    """The package's graph needs past/present bound to one max-length buffer (a plain empty past fails)."""
+    small = getattr(spec, "small", None)
+    if small is None or target.provider not in SPARSE_ATTENTION_PROVIDERS:
+        return False
+    return not all(small.is_dense(i) for i in range(spec.num_layers))
+
+
 def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
@@ -206,4 +219,5 @@ def get_target(name: str) -> Target:
         raise KeyError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}") from None
 
 
-__all__ = ["DriftLimits", "GraphOptions", "QuantRecipe", "TARGETS", "Target", "get_target"]
+__all__ = ["DriftLimits", "GraphOptions", "QuantRecipe", "SPARSE_ATTENTION_PROVIDERS", "TARGETS", "Target", "get_target",
+           "needs_shared_kv"]
