@@ -113,12 +113,21 @@ _DML_GRAPH = GraphOptions(packed_qkv=False, rotary_in_attention=False, position_
 # MatMulNBits never reads the attribute (fp16 compute); 4 (int8 compute) is a CPU (MLAS) path.
 _GPU_LEVEL = 0
 
+# The AWQ flagships' one block size for every MatMulNBits (lm_head included): 128. Why: the int4-cpu
+# graph decodes 1.30x faster at block 128 than at 32 (64: 1.11x; full-size Phi-3-mini, 2 cores,
+# benchmarks/RESULTS.md), and AWQ at 128 is more accurate than RTN at 32 on both tiny trained
+# checkpoints (held-out KL 0.85x on tiny-phi3, see benchmarks/results/frontier_accuracy.md for
+# tiny-phi3-w192, whose widths are not multiples of 128). So int4-awq-cpu is exactly the graph of
+# `int4-cpu --block-size 128` with AWQ's weights (tests/test_flagship.py checks both claims).
+FLAGSHIP_BLOCK = 128
+
 # Drift limits (`phi3-onnx eval` against the fp32-cpu export; perplexity increase in %, mean
 # KL(ref || variant) in nats, top-1 agreement). Measured on tests/assets/tiny-phi3, 3 windows of 128
 # held-out tokens (`--max-tokens 384`), all on the CPU EP: fp16 KL 1e-6, top-1 0.997; int4 RTN KL
-# 0.0073, top-1 0.934, ppl +1.7%; AWQ block 32 KL 0.0052, top-1 0.942, ppl +0.4%; AWQ block 128 (DML)
-# KL 0.0066, top-1 0.937, ppl +0.4%. On an H100 the CUDA EP gave fp16 KL 1e-6, top-1 0.995, and
-# int4-awq-cuda calibrated there passed against the checkpoint (KL 0.0049, top-1 0.934, 1016 tokens).
+# 0.0073, top-1 0.934, ppl +1.7%; AWQ block 32 KL 0.0052, top-1 0.942, ppl +0.4%; AWQ block 128 (the
+# flagships, DML too) KL 0.0066, top-1 0.937, ppl +0.4%. On an H100 the CUDA EP gave fp16 KL 1e-6,
+# top-1 0.995, and int4-awq-cuda (then block 32) calibrated there passed against the checkpoint (KL
+# 0.0049, top-1 0.934, 1016 tokens).
 # Each limit leaves a correct export at most half its headroom (tests/test_eval_targets.py).
 # Not yet measured on full-size Phi-3 checkpoints: there, tune with eval's --max-*/--min-top1 overrides.
 _INT4_RTN_LIMITS = DriftLimits(max_ppl_increase_pct=5.0, max_kl=0.05, min_top1=0.85)
@@ -145,10 +154,10 @@ TARGETS: dict[str, Target] = registry((
     ),
     Target(
         name="int4-awq-cpu",
-        description="int4 AWQ (activation-aware scales, block 32, int8 compute), fp32 activations, CPU",
+        description="int4 AWQ (activation-aware scales, block 128, int8 compute), fp32 activations, CPU; the flagship",
         provider="cpu",
         io_dtype="float32",
-        quant=QuantRecipe(method="awq", block_size=32, accuracy_level=4),
+        quant=QuantRecipe(method="awq", block_size=FLAGSHIP_BLOCK, accuracy_level=4),
         graph=_CPU_GRAPH,
         limits=_INT4_AWQ_LIMITS,
     ),
@@ -172,10 +181,10 @@ TARGETS: dict[str, Target] = registry((
     ),
     Target(
         name="int4-awq-cuda",
-        description="int4 AWQ (block 32), fp16 activations on the CUDA EP; CUDA graphs",
+        description="int4 AWQ (block 128), fp16 activations on the CUDA EP; CUDA graphs",
         provider="cuda",
         io_dtype="float16",
-        quant=QuantRecipe(method="awq", block_size=32, accuracy_level=_GPU_LEVEL),
+        quant=QuantRecipe(method="awq", block_size=FLAGSHIP_BLOCK, accuracy_level=_GPU_LEVEL),
         graph=_CUDA_GRAPH,
         limits=_INT4_AWQ_LIMITS,
     ),
@@ -184,7 +193,7 @@ TARGETS: dict[str, Target] = registry((
         description="int4 AWQ (block 128), fp16 I/O, DirectML-safe graph (separate q/k/v, RotaryEmbedding, position_ids)",
         provider="dml",
         io_dtype="float16",
-        quant=QuantRecipe(method="awq", block_size=128, accuracy_level=_GPU_LEVEL),
+        quant=QuantRecipe(method="awq", block_size=FLAGSHIP_BLOCK, accuracy_level=_GPU_LEVEL),
         graph=_DML_GRAPH,
         limits=DriftLimits(max_ppl_increase_pct=6.0, max_kl=0.06, min_top1=0.80),
     ),
@@ -198,4 +207,4 @@ def get_target(name: str) -> Target:
         raise KeyError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}") from None
 
 
-__all__ = ["DriftLimits", "GraphOptions", "QuantRecipe", "TARGETS", "Target", "get_target"]
+__all__ = ["FLAGSHIP_BLOCK", "TARGETS", "DriftLimits", "GraphOptions", "QuantRecipe", "Target", "get_target"]
