@@ -72,6 +72,7 @@ def test_flagship_graph_is_its_rtn_twin_at_the_flagship_block(flagship: str, ckp
     recipe = read_manifest(awq).recipe["quantization"]
     assert (recipe["method"], recipe["block_size"], recipe["accuracy_level"]) == (
         "awq", FLAGSHIP_BLOCK, TARGETS[flagship].quant.accuracy_level)
+    assert recipe["rounding"] == "gptq"
     genai = [json.loads((p / "genai_config.json").read_text()) for p in (awq, rtn)]
     assert genai[0] == genai[1]
 
@@ -107,3 +108,38 @@ def test_flagship_at_least_as_accurate_as_int4_cpu(flagship: str, ckpt: str, exp
     print(f"\n{ckpt} {flagship}: KL {awq['kl_mean']:.5f} vs int4-cpu {rtn['kl_mean']:.5f} ({ratio:.2f}x), "
           f"top-1 {awq['top1']:.4f} vs {rtn['top1']:.4f}, {awq['tokens']} tokens")
     assert ratio <= MAX_RATIO, f"{flagship} KL {awq['kl_mean']:.5f} > int4-cpu {rtn['kl_mean']:.5f}"
+
+
+@pytest.mark.parametrize(("k", "block"), [(864, 128), (192, 128), (512, 32)])
+def test_gptq_codes_survive_orts_packer(k: int, block: int) -> None:
+    """AWQ's GPTQ rounding hands the packer codes * scale with one code per block pinned to -8: ORT's
+    absmax packer must find exactly that scale and those codes (widths that blocks do not divide too),
+    and the codes must lower the output error against the clip-only rounding on the same scales."""
+    import numpy as np
+    import torch
+
+    from phi3_onnx.quantize.awq_search import (
+        BlockChoice,
+        SearchGrid,
+        apply_blocks,
+        block_gram,
+        fake_int4,
+        gptq_codes,
+        search_blocks,
+    )
+    from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
+
+    rng = np.random.default_rng(k)
+    n = 48
+    w = torch.from_numpy((rng.standard_normal((n, k)) * rng.uniform(0.05, 3.0, (1, k))).astype(np.float32))
+    mix = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k) + np.eye(k, dtype=np.float32)  # correlated inputs
+    x = torch.from_numpy((rng.standard_normal((1500, k)).astype(np.float32) @ mix) * rng.uniform(0.1, 2, (1, k)).astype(np.float32))
+    grid = SearchGrid()
+    assert grid.gptq, "GPTQ rounding is AWQ's default"
+    clip = search_blocks(w, block_gram(x, block), block, grid)
+    codes = gptq_codes(w, x.T @ x, clip, block, grid)
+    delivered = apply_blocks(w, BlockChoice(clip.clip, clip.alpha, codes), block, grid)
+    packed = torch.from_numpy(dequantize_int4(quantize_int4(delivered.numpy(), block), n, k, block)).float()
+    torch.testing.assert_close(packed, delivered, rtol=0, atol=1e-6)
+    err = lambda v: float(((v - w) @ x.T).pow(2).sum())
+    assert err(packed) < 0.95 * err(fake_int4(apply_blocks(w, clip, block, grid), block))

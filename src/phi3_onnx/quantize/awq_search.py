@@ -37,6 +37,12 @@ class SearchGrid:
     clip_seeds: int = 2
     max_shrink: float = 0.5  # clip values go from max|w| down to (1 - max_shrink) * max|w|
     search_rows: int = 512  # output rows (evenly spaced) whose error the scale search measures
+    # GPTQ-style rounding after the clip search: each block keeps its clip/refit scale, but its codes
+    # are chosen column by column against the full input Gram, each column's rounding error pushed
+    # onto the columns not yet rounded (Frantar et al. 2022, with the scales fixed and one code per
+    # block pinned to -8 so ORT's absmax packer reproduces exactly these codes).
+    gptq: bool = True
+    gptq_damp: float = 0.01  # added to the Gram's diagonal, times its mean
 
     def shrink_factors(self, device: torch.device | None = None) -> torch.Tensor:
         """The clip grid as fractions of each block's absmax (index 0 = no clipping)."""
@@ -132,6 +138,7 @@ class BlockChoice:
 
     clip: torch.Tensor  # uint8
     alpha: torch.Tensor  # float16, 1 = plain absmax scale
+    codes: torch.Tensor | None = None  # GPTQ's codes under those scales, two per byte (pack_codes); None: round to nearest
 
 
 def _quantized_blocks(wb: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -201,8 +208,77 @@ def search_blocks(w: torch.Tensor, gram: torch.Tensor, block: int, grid: SearchG
     return BlockChoice(clip, alpha)
 
 
+def block_scales(w: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed scale ORT will store for each (row, block) of apply_blocks' output, and the index
+    (within the block) of the element that sets it: [N, G] each. Code = value / scale, in -8..7."""
+    wb = pad_k(w, block).reshape(w.shape[0], -1, block)
+    hi, lo = wb.amax(-1), wb.amin(-1)
+    c = torch.maximum(hi, -lo) * grid.shrink_factors(w.device)[choice.clip.long()]
+    hi_c, lo_c = torch.minimum(hi, c), torch.maximum(lo, -c)
+    pos = hi_c > -lo_c
+    scale = torch.where(pos, hi_c, lo_c) / -8.0 * choice.alpha.float()
+    return scale, torch.where(pos, wb.argmax(-1), wb.argmin(-1))
+
+
+def gptq_codes(w: torch.Tensor, gram: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid,
+               lazy: int = 128) -> torch.Tensor:
+    """Codes [N, K] (pack_codes' form) for w under the block scales of `choice`, minimising ||(w - q s) X^T||^2 with
+    gram = X^T X [K, K] by GPTQ's column-by-column rounding with error feedback (no reordering).
+
+    Each block's extreme element is pinned to code -8, so ORT's absmax packer, given q * s, finds
+    the same scale and the same codes.
+    """
+    n, k = w.shape
+    scale, pin = block_scales(w, choice, block, grid)
+    col_scale = scale.repeat_interleave(block, 1)[:, :k]  # [N, K]
+    pinned = torch.zeros(n, pin.shape[1] * block, dtype=torch.bool, device=w.device)
+    pinned.scatter_(1, pin + torch.arange(pin.shape[1], device=w.device) * block, True)
+    pinned = pinned[:, :k]
+    h = gram.double().clone()
+    dead = h.diagonal() <= 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(grid.gptq_damp * h.diagonal().mean())
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(w.dtype)
+    work = w.clone()
+    work[:, dead] = 0.0
+    codes = torch.zeros(n, k, dtype=torch.int8, device=w.device)
+    safe = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1, err1, h1 = work[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device), hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col, s = w1[:, i], col_scale[:, i1 + i]
+            q = torch.round(col / safe[:, i1 + i]).clamp_(-8, 7)
+            q = torch.where(pinned[:, i1 + i], torch.full_like(q, -8.0), q)
+            q = torch.where(s == 0, torch.zeros_like(q), q)
+            codes[:, i1 + i] = q.to(torch.int8)
+            e = (col - q * s) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        work[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return pack_codes(codes)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] in -8..7 -> uint8 [N, ceil(K / 2)], two per byte (what AwqResult keeps per weight)."""
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """pack_codes' inverse: float codes [N, k]."""
+    both = torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)[:, :k]
+    return both.float() - 8.0
+
+
 def apply_blocks(w: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid) -> torch.Tensor:
-    """alpha * clamp(block, ±c): ORT's absmax scale becomes alpha * c / 8 and the codes stay those of the clip."""
+    """alpha * clamp(block, ±c): ORT's absmax scale becomes alpha * c / 8 and the codes stay those of the clip.
+    With GPTQ codes: codes * that scale (the pinned -8 per block keeps ORT's scale and codes)."""
+    if choice.codes is not None:
+        scale, _ = block_scales(w, choice, block, grid)
+        return unpack_codes(choice.codes, w.shape[1]) * scale.repeat_interleave(block, 1)[:, : w.shape[1]]
     wb = pad_k(w, block).reshape(w.shape[0], -1, block)
     c = wb.abs().amax(-1, keepdim=True) * grid.shrink_factors(w.device)[choice.clip.long()].unsqueeze(-1)
     clipped = torch.minimum(torch.maximum(wb, -c), c)
