@@ -133,7 +133,7 @@ def test_gptq_codes_survive_orts_packer(k: int, block: int) -> None:
     n = 48
     w = torch.from_numpy((rng.standard_normal((n, k)) * rng.uniform(0.05, 3.0, (1, k))).astype(np.float32))
     mix = rng.standard_normal((k, k)).astype(np.float32) / np.sqrt(k) + np.eye(k, dtype=np.float32)  # correlated inputs
-    x = torch.from_numpy((rng.standard_normal((1500, k)).astype(np.float32) @ mix) * rng.uniform(0.1, 2, (1, k)).astype(np.float32))
+    x = torch.from_numpy((rng.standard_normal((1500, k)) @ mix * rng.uniform(0.1, 2, (1, k))).astype(np.float32))
     grid = SearchGrid()
     assert grid.gptq, "GPTQ rounding is AWQ's default"
     clip = search_blocks(w, block_gram(x, block), block, grid)
