@@ -238,7 +238,10 @@ def gptq_codes(w: torch.Tensor, gram: torch.Tensor, choice: BlockChoice, block: 
     dead = h.diagonal() <= 0
     h[dead, dead] = 1.0
     h.diagonal().add_(grid.gptq_damp * h.diagonal().mean())
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).to(w.dtype)
+    h = torch.linalg.cholesky(h)  # reassigned step by step: at most two K x K float64 matrices alive
+    h = torch.cholesky_inverse(h)
+    hinv = torch.linalg.cholesky(h, upper=True).to(w.dtype)
+    del h
     work = w.clone()
     work[:, dead] = 0.0
     codes = torch.zeros(n, k, dtype=torch.int8, device=w.device)
