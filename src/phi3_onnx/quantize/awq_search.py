@@ -220,6 +220,22 @@ def block_scales(w: torch.Tensor, choice: BlockChoice, block: int, grid: SearchG
     return scale, torch.where(pos, wb.argmax(-1), wb.argmin(-1))
 
 
+def _inverse_cholesky(gram: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (gram + damp * mean(diag) * I)^-1 in float64, dead inputs set to 1 on the
+    diagonal; the damping grows 10x per retry if the Gram is still not positive definite."""
+    for attempt in range(4):
+        h = gram.double().clone()
+        h[dead, dead] = 1.0
+        h.diagonal().add_(damp * 10**attempt * h.diagonal().mean())
+        try:
+            h = torch.linalg.cholesky(h)  # reassigned step by step: at most two K x K float64 matrices alive
+        except torch.linalg.LinAlgError:
+            continue
+        h = torch.cholesky_inverse(h)
+        return torch.linalg.cholesky(h, upper=True)
+    raise torch.linalg.LinAlgError("GPTQ: the input Gram is not positive definite even with 1000x damping")
+
+
 def gptq_codes(w: torch.Tensor, gram: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid,
                lazy: int = 128) -> torch.Tensor:
     """Codes [N, K] (pack_codes' form) for w under the block scales of `choice`, minimising ||(w - q s) X^T||^2 with
@@ -234,16 +250,9 @@ def gptq_codes(w: torch.Tensor, gram: torch.Tensor, choice: BlockChoice, block: 
     pinned = torch.zeros(n, pin.shape[1] * block, dtype=torch.bool, device=w.device)
     pinned.scatter_(1, pin + torch.arange(pin.shape[1], device=w.device) * block, True)
     pinned = pinned[:, :k]
-    h = gram.double().clone()
-    dead = h.diagonal() <= 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(grid.gptq_damp * h.diagonal().mean())
-    h = torch.linalg.cholesky(h)  # reassigned step by step: at most two K x K float64 matrices alive
-    h = torch.cholesky_inverse(h)
-    hinv = torch.linalg.cholesky(h, upper=True).to(w.dtype)
-    del h
+    dead = gram.diagonal() <= 0
+    hinv = _inverse_cholesky(gram, dead, grid.gptq_damp).to(w.dtype)
     work = w.clone()
-    work[:, dead] = 0.0
     codes = torch.zeros(n, k, dtype=torch.int8, device=w.device)
     safe = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
     for i1 in range(0, k, lazy):
