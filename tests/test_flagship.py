@@ -83,14 +83,15 @@ def test_dml_flagship_uses_the_flagship_block(exported) -> None:
     assert read_manifest(pkg).recipe["quantization"]["block_size"] == FLAGSHIP_BLOCK
 
 
-# Measured (benchmarks/results/frontier_accuracy.md, CPU EP): KL vs fp32, AWQ block 128 / RTN block 32.
-# The test's 512 tokens give about the same ratio as 8192 (see the module's print).
+# Measured (benchmarks/results/frontier_accuracy.md, CPU EP, 8192 held-out tokens): KL vs fp32 of the
+# flagship / of int4-cpu = 0.40x on tiny-phi3, 0.88x on tiny-phi3-w192. Over 256..8192 tokens the w192
+# ratio stays within 0.87..0.92x (0.92x at this test's 512), so the assertion has ~8 % margin there.
 EVAL_TOKENS = 512
 MAX_RATIO = 1.0  # the requirement: flagship KL <= int4-cpu KL
 
 
 @pytest.mark.parametrize("ckpt", ["tiny-phi3-w192", "tiny-phi3"])
-@pytest.mark.parametrize("flagship", ["int4-awq-cpu", "int4-awq-cuda"])
+@pytest.mark.parametrize("flagship", FLAGSHIPS)
 def test_flagship_at_least_as_accurate_as_int4_cpu(flagship: str, ckpt: str, exported, tmp_path: Path) -> None:
     """Held-out KL(fp32 || flagship) <= KL(fp32 || int4-cpu), both through `phi3-onnx eval` on the CPU EP."""
     from phi3_onnx.cli import main
