@@ -108,13 +108,13 @@ def _peak_ram(spec: ModelSpec, largest_tensor: int, target: Target) -> int:
 
 
 def _awq_ram(spec: ModelSpec, target: Target) -> int:
-    """AWQ's extra: one layer's float32 weights (three copies), the calibration hidden states, and
-    GPTQ's codes (4 bits per weight of every int4 linear, kept until the weights are written), one
-    layer's full input Grams (float32) and GPTQ's float64 Cholesky work on the widest one."""
+    """AWQ's extra: one layer's float32 weights (three copies) and the calibration hidden states."""
     if target.quant is None or target.quant.method != "awq":
         return 0
     layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
                 for r, t in TENSORS.items() if t.per_layer) * 4
+    # GPTQ rounding: its codes (4 bits per weight of every int4 linear, kept until the weights are
+    # written), one layer's full input Grams (float32) and the float64 Cholesky work on the widest one
     codes = (layer // 4 * spec.num_layers + spec.vocab_size * spec.hidden_size) // 2
     widest = max(spec.hidden_size, spec.intermediate_size)
     grams = (3 * spec.hidden_size ** 2 + spec.intermediate_size ** 2) * 4
