@@ -220,19 +220,32 @@ def block_scales(w: torch.Tensor, choice: BlockChoice, block: int, grid: SearchG
     return scale, torch.where(pos, wb.argmax(-1), wb.argmin(-1))
 
 
+def _lower_inverse(m: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by halves ([[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]):
+    K^3 / 3 multiply-adds, nearly all in matmuls (a triangular solve against the identity costs 3x that)."""
+    n = m.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(m, torch.eye(n, dtype=m.dtype, device=m.device), upper=False)
+    a = n // 2
+    out = torch.zeros_like(m)
+    out[:a, :a], out[a:, a:] = _lower_inverse(m[:a, :a], leaf), _lower_inverse(m[a:, a:], leaf)
+    out[a:, :a] = -(out[a:, a:] @ (m[a:, :a] @ out[:a, :a]))
+    return out
+
+
 def _inverse_cholesky(gram: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (gram + damp * mean(diag) * I)^-1 in float64, dead inputs set to 1 on the
-    diagonal; the damping grows 10x per retry if the Gram is still not positive definite."""
+    """Upper U with U^T U = (gram + damp * mean(diag) * I)^-1, dead inputs set to 1 on the diagonal
+    (float32, as GPTQ's reference); the damping grows 10x per retry while the Gram is not positive
+    definite. One Cholesky and one triangular inverse: with P the reversal, P·H·P = M M^T gives
+    U = P M^-1 P."""
     for attempt in range(4):
-        h = gram.double().clone()
+        h = gram.clone()
         h[dead, dead] = 1.0
         h.diagonal().add_(damp * 10**attempt * h.diagonal().mean())
-        try:
-            h = torch.linalg.cholesky(h)  # reassigned step by step: at most two K x K float64 matrices alive
-        except torch.linalg.LinAlgError:
-            continue
-        h = torch.cholesky_inverse(h)
-        return torch.linalg.cholesky(h, upper=True)
+        m, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        del h
+        if int(info) == 0:
+            return _lower_inverse(m).flip(0, 1)
     raise torch.linalg.LinAlgError("GPTQ: the input Gram is not positive definite even with 1000x damping")
 
 
@@ -242,33 +255,34 @@ def gptq_codes(w: torch.Tensor, gram: torch.Tensor, choice: BlockChoice, block: 
     gram = X^T X [K, K] by GPTQ's column-by-column rounding with error feedback (no reordering).
 
     Each block's extreme element is pinned to code -8, so ORT's absmax packer, given q * s, finds
-    the same scale and the same codes.
+    the same scale and the same codes. Works on w^T, so that each input column is contiguous.
     """
     n, k = w.shape
     scale, pin = block_scales(w, choice, block, grid)
-    col_scale = scale.repeat_interleave(block, 1)[:, :k]  # [N, K]
-    pinned = torch.zeros(n, pin.shape[1] * block, dtype=torch.bool, device=w.device)
-    pinned.scatter_(1, pin + torch.arange(pin.shape[1], device=w.device) * block, True)
-    pinned = pinned[:, :k]
-    dead = gram.diagonal() <= 0
-    hinv = _inverse_cholesky(gram, dead, grid.gptq_damp).to(w.dtype)
-    work = w.clone()
-    codes = torch.zeros(n, k, dtype=torch.int8, device=w.device)
+    col_scale = scale.T.repeat_interleave(block, 0)[:k].contiguous()  # [K, N]
+    pinned = torch.zeros(pin.shape[1] * block, n, dtype=torch.bool, device=w.device)
+    pinned.scatter_(0, (pin + torch.arange(pin.shape[1], device=w.device) * block).T, True)
+    pinned = pinned[:k]
+    hinv = _inverse_cholesky(gram.float(), gram.diagonal() <= 0, grid.gptq_damp).to(w.dtype)
+    work = w.T.contiguous()  # [K, N]
+    codes = torch.zeros(k, n, dtype=torch.int8, device=w.device)
     safe = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
+    minus8 = torch.full((n,), -8.0, dtype=w.dtype, device=w.device)
     for i1 in range(0, k, lazy):
         i2 = min(i1 + lazy, k)
-        w1, err1, h1 = work[:, i1:i2].clone(), torch.zeros(n, i2 - i1, dtype=w.dtype, device=w.device), hinv[i1:i2, i1:i2]
+        w1, h1 = work[i1:i2], hinv[i1:i2, i1:i2]  # a view: updated in place
+        err1 = torch.empty_like(w1)
         for i in range(i2 - i1):
-            col, s = w1[:, i], col_scale[:, i1 + i]
-            q = torch.round(col / safe[:, i1 + i]).clamp_(-8, 7)
-            q = torch.where(pinned[:, i1 + i], torch.full_like(q, -8.0), q)
-            q = torch.where(s == 0, torch.zeros_like(q), q)
-            codes[:, i1 + i] = q.to(torch.int8)
-            e = (col - q * s) / h1[i, i]
-            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
-            err1[:, i] = e
-        work[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return pack_codes(codes)
+            c, s = i1 + i, col_scale[i1 + i]
+            q = torch.round(w1[i] / safe[c]).clamp_(-8, 7)
+            q = torch.where(pinned[c], minus8, q).mul_(s != 0)
+            codes[c] = q.to(torch.int8)
+            e = (w1[i] - q * s) / h1[i, i]
+            w1[i:].addr_(h1[i, i:], e, alpha=-1)
+            err1[i] = e
+        if i2 < k:
+            work[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
+    return pack_codes(codes.T)
 
 
 def pack_codes(codes: torch.Tensor) -> torch.Tensor:
