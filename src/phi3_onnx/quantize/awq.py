@@ -72,7 +72,9 @@ class AwqSettings:
 
     (Measured, full-size random-weight Phi-3-mini, benchmarks/awq_bench.sh on the 2-core machine:
     calibration 736 s + packing 124 s = 14.5 min, peak RSS 2.7 GiB. One layer timed alone on one
-    core: ~27 s, of which forward 6, scale search 5, clip search 15.)
+    core: ~27 s, of which forward 6, scale search 5, clip search 15. That was block 32 without
+    GPTQ; at block 128 with GPTQ one layer took 71 s vs 36 s without it on the shared machine, so
+    expect ~2x the calibration time: not re-measured end to end.)
     """
 
     samples: int = DEFAULT_SAMPLES  # calibration sequences
