@@ -209,4 +209,4 @@ def get_target(name: str) -> Target:
         raise KeyError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}") from None
 
 
-__all__ = ["FLAGSHIP_BLOCK", "TARGETS", "DriftLimits", "GraphOptions", "QuantRecipe", "Target", "get_target"]
+__all__ = ["DriftLimits", "GraphOptions", "QuantRecipe", "TARGETS", "Target", "get_target"]
