@@ -6,6 +6,8 @@ Phi-3's added tokens and chat template) but is a few MB and produces real Englis
 that numeric and text-level comparisons mean something.  ~10 min on 2 idle CPU cores.
 
     python scripts/train_tiny_phi3.py          # -> tests/assets/tiny-phi3/
+    python scripts/train_tiny_phi3.py --threads 1 --hidden 192 --intermediate 864 --layers 4 \
+        --heads 6 --kv-heads 2 --out tests/assets/tiny-phi3-w192   # widths not multiples of 128
 """
 
 from __future__ import annotations
@@ -19,12 +21,21 @@ import time
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
-from tokenizers import pre_tokenizers, processors, trainers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
 from transformers import AutoTokenizer, Phi3Config, Phi3ForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import longrope_overrides, make_variant  # noqa: E402
+from helpers import longrope_overrides, make_variant
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT / "tests/assets/corpus"
@@ -109,11 +120,13 @@ def to_ids(tok: Tokenizer, docs: list[str]) -> torch.Tensor:
     return torch.tensor([i for enc in tok.encode_batch(docs) for i in enc.ids + [EOT]])
 
 
-def make_config() -> Phi3Config:
-    """Phi-3-mini shaped, tiny; GQA (8 q heads, 4 kv heads) as in Phi-3-medium."""
+def make_config(hidden: int = 256, intermediate: int = 512, layers: int = 4, heads: int = 8,
+                kv_heads: int = 4) -> Phi3Config:
+    """Phi-3-mini shaped, tiny; by default GQA (8 q heads, 4 kv heads) as in Phi-3-medium."""
     return Phi3Config(
-        vocab_size=MODEL_VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=8, num_key_value_heads=4, hidden_act="silu",
+        vocab_size=MODEL_VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        hidden_act="silu",
         max_position_embeddings=4096, original_max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rms_norm_eps=1e-5,
         tie_word_embeddings=False, sliding_window=None, bos_token_id=1, eos_token_id=EOT,
@@ -187,12 +200,12 @@ license_link: LICENSE
 language: [en]
 pipeline_tag: text-generation
 ---
-# tiny-phi3: a {params}M-parameter Phi-3 test fixture for phi3-onnx
+# {name}: a {params}M-parameter Phi-3 test fixture for phi3-onnx
 
 The file layout of Microsoft's Phi-3 hub checkpoints (4.x-style config.json; bf16 weights
 in 2 safetensors shards; Llama-style byte-fallback BPE tokenizer with Phi-3's added tokens
 at ids 2048-2058 and its chat template; generation stops on `<|endoftext|>`/`<|end|>`),
-but tiny: hidden 256, 4 layers, 8 query / 4 KV heads, MLP 512, vocab 2048 + 11, padded
+but tiny: hidden {hidden}, {layers} layers, {heads} query / {kv_heads} KV heads, MLP {intermediate}, vocab 2048 + 11, padded
 to 2064. It writes semi-coherent English about Python and is otherwise useless.
 
 Made by `python scripts/train_tiny_phi3.py {argv}` ({minutes:.1f} min on a 2-core CPU)
@@ -252,6 +265,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="1 is faster on a busy machine")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--intermediate", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -263,7 +281,7 @@ def main() -> None:
     print(f"tokens: train {len(train_ids)}, held-out {len(held_ids)}; "
           f"chars/token {sum(map(len, train_docs)) / len(train_ids):.2f}")
 
-    config = make_config()
+    config = make_config(args.hidden, args.intermediate, args.layers, args.heads, args.kv_heads)
     config.resid_pdrop = config.embd_pdrop = args.dropout
     model = Phi3ForCausalLM(config)
     params = sum(p.numel() for p in model.parameters()) / 1e6
@@ -291,6 +309,8 @@ def main() -> None:
           f"unigram {uni:.1f}\n    {samples}")
     minutes = (time.time() - t0) / 60
     (args.out / "README.md").write_text(CARD.format(
+        name=args.out.name, hidden=args.hidden, layers=args.layers, heads=args.heads,
+        kv_heads=args.kv_heads, intermediate=args.intermediate,
         params=f"{params:.1f}", argv=" ".join(a for a in sys.argv[1:] if str(args.out) not in a
                                             and a != "--out"), minutes=minutes, loss=loss,
         kb=(CORPUS / "train.txt").stat().st_size // 1000, steps=args.steps, batch=args.batch,

@@ -10,6 +10,8 @@ from typing import Any
 ASSETS = Path(__file__).resolve().parent / "assets"
 TINY_PHI3 = ASSETS / "tiny-phi3"
 TINY_PHI3_LONGROPE = ASSETS / "tiny-phi3-longrope.json"
+# a second trained checkpoint, widths not multiples of 128 (hidden 192, MLP 864, 6/2 heads): the flagship's held-out check
+TINY_PHI3_W192 = ASSETS / "tiny-phi3-w192"
 
 
 def make_variant(src: Path, dst: Path, **config_overrides: Any) -> Path:

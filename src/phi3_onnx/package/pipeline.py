@@ -118,7 +118,12 @@ def _awq_ram(spec: ModelSpec, target: Target) -> int:
         return 0  # Phi-3.5-MoE, Phi-3-small: RTN fallback, no calibration
     layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
                 for r, t in TENSORS.items() if t.per_layer) * 4
-    return 3 * layer + 8 * 256 * spec.hidden_size * 4 * 4
+    # GPTQ rounding: its codes (4 bits per weight of every int4 linear, kept until the weights are
+    # written), one layer's full input Grams (float32) and the float64 Cholesky work on the widest one
+    codes = (layer // 4 * spec.num_layers + spec.vocab_size * spec.hidden_size) // 2
+    widest = max(spec.hidden_size, spec.intermediate_size)
+    grams = (3 * spec.hidden_size ** 2 + spec.intermediate_size ** 2) * 4
+    return 3 * layer + 8 * 256 * spec.hidden_size * 4 * 4 + codes + grams + widest * widest * 20
 
 
 def _check_memory(spec: ModelSpec, peak: int) -> None:

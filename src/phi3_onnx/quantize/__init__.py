@@ -5,7 +5,7 @@ it is; AWQ: a calibrated, rescaled view) and packs each int4 weight for MatMulNB
 what it actually ran, which the package stage writes into the manifest's `recipe`.
 
     rtn.py         round-to-nearest int4, packed by ORT's own kernel (every method's packer)
-    awq.py         activation-aware scales + per-block clip/refit (PyTorch; the `[awq]` extra)
+    awq.py         activation-aware scales + per-block clip/refit + GPTQ rounding (PyTorch; the `[awq]` extra)
     awq_search.py  the searches AWQ runs
     torch_phi3.py  a Phi-3 decoder layer in PyTorch, for calibration
 """
@@ -136,7 +136,8 @@ class AwqQuantizer:
                 raise
             raise Phi3OnnxError("AWQ calibration needs PyTorch: pip install 'phi3-onnx[awq]'") from None
         cal = job.calibration
-        record = _base_record(job.recipe) | {"calibration": calibration_record(cal)}
+        record = _base_record(job.recipe) | {"calibration": calibration_record(cal),
+                                             "rounding": "gptq" if awq.AwqSettings().grid.gptq else "nearest"}
         weights = awq.awq_weights(job.folder, job.spec, job.recipe, cal.file, cal.sample_count, progress=job.progress)
         return Quantized(weights, record)
 

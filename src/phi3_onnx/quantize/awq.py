@@ -4,12 +4,20 @@ Two steps, like gpt-fast's quantizer:
 
 1. `calibrate` streams the checkpoint one decoder layer at a time: run the calibration hidden
    states through the layer (PyTorch, float32), record every linear's input statistics, search
-   each linear's input-channel scale s and then per block a clip value and a refit factor, and move on with the
-   layer's unquantized outputs; lm_head last (int4 in our targets, unlike AutoAWQ's: blocks only).
-   Result: a small `AwqResult` (scales, uint8 clip indices, float16 refit factors).
+   each linear's input-channel scale s and then per block a clip value and a refit factor, then
+   (GPTQ, `SearchGrid.gptq`) the int4 codes under those block scales against the linear's full
+   input Gram, and move on with the layer's unquantized outputs; lm_head last (int4 in our
+   targets, unlike AutoAWQ's: blocks and codes only).
+   Result: an `AwqResult` (scales, uint8 clip indices, float16 refit factors, 4-bit codes).
 2. `AwqWeights` is a `WeightSource`: it reads the checkpoint and returns the rescaled, clipped
    tensors, which the exporter packs with the ordinary RTN int4 kernel. Returning a block as
-   alpha * clamp(w, ±c) makes ORT's absmax-based scale alpha * c / 8 with the clip's codes.
+   alpha * clamp(w, ±c) makes ORT's absmax-based scale alpha * c / 8 with the clip's codes; with
+   GPTQ the block is codes * that scale, one code pinned to -8, so ORT's packer finds the same
+   scale and codes (tests/test_flagship.py checks it through ORT's packer).
+
+Why GPTQ: at block 128 (the flagships' block, 1.30x int4-cpu's block-32 decode) clip + refit alone
+left the second tiny checkpoint (tests/assets/tiny-phi3-w192) at 1.06x int4-cpu's held-out KL; with
+GPTQ's rounding 0.89x there and 0.41x on tiny-phi3 (benchmarks/results/frontier_accuracy.md).
 
 This module needs PyTorch (the `[awq]` extra); the exporter imports it only for AWQ targets.
 
@@ -48,7 +56,7 @@ from phi3_onnx.targets import QuantRecipe
 from phi3_onnx.quantize import CALIBRATION_SEQ_LEN, DEFAULT_CALIBRATION_SAMPLES
 from phi3_onnx.quantize import torch_phi3 as tp
 from phi3_onnx.quantize.awq_search import (BlockChoice, SearchGrid, apply_blocks, best_scale, block_gram, evenly_spaced,
-                                           normalized_weight_mean, pad_k, scale_candidates, search_blocks, search_scale)
+                                           gptq_codes, normalized_weight_mean, pad_k, scale_candidates, search_blocks, search_scale)
 
 DEFAULT_SAMPLES = DEFAULT_CALIBRATION_SAMPLES
 
@@ -64,7 +72,9 @@ class AwqSettings:
 
     (Measured, full-size random-weight Phi-3-mini, benchmarks/awq_bench.sh on the 2-core machine:
     calibration 736 s + packing 124 s = 14.5 min, peak RSS 2.7 GiB. One layer timed alone on one
-    core: ~27 s, of which forward 6, scale search 5, clip search 15.)
+    core: ~27 s, of which forward 6, scale search 5, clip search 15. That was block 32 without
+    GPTQ; at block 128 with GPTQ one layer took 71 s vs 36 s without it on the shared machine, so
+    expect ~2x the calibration time: not re-measured end to end.)
     """
 
     samples: int = DEFAULT_SAMPLES  # calibration sequences
@@ -115,10 +125,13 @@ class LinearStats:
     gram: torch.Tensor
     sample: list[torch.Tensor] = field(default_factory=list)
     tokens: int = 0
+    full_gram: torch.Tensor | None = None  # X^T X [K, K], for GPTQ's rounding only
 
     def add(self, x: torch.Tensor, block: int, stride: int) -> None:
         self.abs_sum += x.abs().sum(0)
         self.gram += block_gram(x, block)
+        if self.full_gram is not None:
+            self.full_gram += x.T @ x
         self.sample.append(x[::stride].clone())
         self.tokens += x.shape[0]
 
@@ -138,7 +151,8 @@ def run_layer(spec: ModelSpec, w: tp.LayerWeights, x: torch.Tensor, rope: tp.Rot
     def observe(name: str, inp: torch.Tensor) -> None:
         if name not in stats:
             k = inp.shape[1]
-            stats[name] = LinearStats(inp.new_zeros(k), inp.new_zeros(-(-k // block), block, block))
+            stats[name] = LinearStats(inp.new_zeros(k), inp.new_zeros(-(-k // block), block, block),
+                                      full_gram=inp.new_zeros(k, k) if settings.grid.gptq else None)
         stats[name].add(inp, block, stride)
 
     outs = [tp.layer_forward(spec, w, x[i:i + settings.batch], rope, observe) for i in range(0, x.shape[0], settings.batch)]
@@ -293,7 +307,11 @@ def search_layer_blocks(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, Li
     for name in tp.LINEARS:
         folded = fold(spec, name, getattr(w, name), s)
         choice = search_blocks(folded, scaled_gram(stats[name], _input_scale(s, name), block), block, grid)
-        out[name] = BlockChoice(choice.clip.cpu(), choice.alpha.cpu())
+        if grid.gptq:
+            inv = 1.0 / _input_scale(s, name)
+            gram = stats[name].full_gram * inv[:, None] * inv[None, :]
+            choice = BlockChoice(choice.clip, choice.alpha, gptq_codes(folded, gram, choice, block, grid))
+        out[name] = BlockChoice(choice.clip.cpu(), choice.alpha.cpu(), None if choice.codes is None else choice.codes.cpu())
     return out
 
 
@@ -318,10 +336,15 @@ def calibrate_head(spec: ModelSpec, ckpt: SafetensorsCheckpoint, x: torch.Tensor
     w = torch.from_numpy(ckpt.read(tensor_name("lm_head"))).to(x.device)
     h = x.shape[-1]
     gram = x.new_zeros(-(-h // block), block, block)
+    full = x.new_zeros(h, h) if settings.grid.gptq else None
     for i in range(0, x.shape[0], settings.batch):
-        gram += block_gram(tp.rms_norm(x[i:i + settings.batch], gamma, spec.rms_norm_eps).reshape(-1, h), block)
+        normed = tp.rms_norm(x[i:i + settings.batch], gamma, spec.rms_norm_eps).reshape(-1, h)
+        gram += block_gram(normed, block)
+        if full is not None:
+            full += normed.T @ normed
     choice = search_blocks(w, gram, block, settings.grid)
-    return BlockChoice(choice.clip.cpu(), choice.alpha.cpu())
+    codes = gptq_codes(w, full, choice, block, settings.grid).cpu() if full is not None else None
+    return BlockChoice(choice.clip.cpu(), choice.alpha.cpu(), codes)
 
 
 @dataclass

@@ -37,6 +37,12 @@ class SearchGrid:
     clip_seeds: int = 2
     max_shrink: float = 0.5  # clip values go from max|w| down to (1 - max_shrink) * max|w|
     search_rows: int = 512  # output rows (evenly spaced) whose error the scale search measures
+    # GPTQ-style rounding after the clip search: each block keeps its clip/refit scale, but its codes
+    # are chosen column by column against the full input Gram, each column's rounding error pushed
+    # onto the columns not yet rounded (Frantar et al. 2022, with the scales fixed and one code per
+    # block pinned to -8 so ORT's absmax packer reproduces exactly these codes).
+    gptq: bool = True
+    gptq_damp: float = 0.01  # added to the Gram's diagonal, times its mean
 
     def shrink_factors(self, device: torch.device | None = None) -> torch.Tensor:
         """The clip grid as fractions of each block's absmax (index 0 = no clipping)."""
@@ -132,6 +138,7 @@ class BlockChoice:
 
     clip: torch.Tensor  # uint8
     alpha: torch.Tensor  # float16, 1 = plain absmax scale
+    codes: torch.Tensor | None = None  # GPTQ's codes under those scales, two per byte (pack_codes); None: round to nearest
 
 
 def _quantized_blocks(wb: torch.Tensor, hi: torch.Tensor, lo: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -201,8 +208,103 @@ def search_blocks(w: torch.Tensor, gram: torch.Tensor, block: int, grid: SearchG
     return BlockChoice(clip, alpha)
 
 
+def block_scales(w: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed scale ORT will store for each (row, block) of apply_blocks' output, and the index
+    (within the block) of the element that sets it: [N, G] each. Code = value / scale, in -8..7."""
+    wb = pad_k(w, block).reshape(w.shape[0], -1, block)
+    hi, lo = wb.amax(-1), wb.amin(-1)
+    c = torch.maximum(hi, -lo) * grid.shrink_factors(w.device)[choice.clip.long()]
+    hi_c, lo_c = torch.minimum(hi, c), torch.maximum(lo, -c)
+    pos = hi_c > -lo_c
+    scale = torch.where(pos, hi_c, lo_c) / -8.0 * choice.alpha.float()
+    return scale, torch.where(pos, wb.argmax(-1), wb.argmin(-1))
+
+
+def _lower_inverse(m: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    """Inverse of a lower-triangular matrix by halves ([[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1, C^-1]]):
+    K^3 / 3 multiply-adds, nearly all in matmuls (a triangular solve against the identity costs 3x that)."""
+    n = m.shape[0]
+    if n <= leaf:
+        return torch.linalg.solve_triangular(m, torch.eye(n, dtype=m.dtype, device=m.device), upper=False)
+    a = n // 2
+    out = torch.zeros_like(m)
+    out[:a, :a], out[a:, a:] = _lower_inverse(m[:a, :a], leaf), _lower_inverse(m[a:, a:], leaf)
+    out[a:, :a] = -(out[a:, a:] @ (m[a:, :a] @ out[:a, :a]))
+    return out
+
+
+def _inverse_cholesky(gram: torch.Tensor, dead: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper U with U^T U = (gram + damp * mean(diag) * I)^-1, dead inputs set to 1 on the diagonal
+    (float32, as GPTQ's reference); the damping grows 10x per retry while the Gram is not positive
+    definite. One Cholesky and one triangular inverse: with P the reversal, P·H·P = M M^T gives
+    U = P M^-1 P."""
+    for attempt in range(4):
+        h = gram.clone()
+        h[dead, dead] = 1.0
+        h.diagonal().add_(damp * 10**attempt * h.diagonal().mean())
+        m, info = torch.linalg.cholesky_ex(h.flip(0, 1))
+        del h
+        if int(info) == 0:
+            return _lower_inverse(m).flip(0, 1)
+    raise torch.linalg.LinAlgError("GPTQ: the input Gram is not positive definite even with 1000x damping")
+
+
+def gptq_codes(w: torch.Tensor, gram: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid,
+               lazy: int = 128) -> torch.Tensor:
+    """Codes [N, K] (pack_codes' form) for w under the block scales of `choice`, minimising ||(w - q s) X^T||^2 with
+    gram = X^T X [K, K] by GPTQ's column-by-column rounding with error feedback (no reordering).
+
+    Each block's extreme element is pinned to code -8, so ORT's absmax packer, given q * s, finds
+    the same scale and the same codes. Works on w^T, so that each input column is contiguous.
+    """
+    n, k = w.shape
+    scale, pin = block_scales(w, choice, block, grid)
+    col_scale = scale.T.repeat_interleave(block, 0)[:k].contiguous()  # [K, N]
+    pinned = torch.zeros(pin.shape[1] * block, n, dtype=torch.bool, device=w.device)
+    pinned.scatter_(0, (pin + torch.arange(pin.shape[1], device=w.device) * block).T, True)
+    pinned = pinned[:k]
+    hinv = _inverse_cholesky(gram.float(), gram.diagonal() <= 0, grid.gptq_damp).to(w.dtype)
+    work = w.T.contiguous()  # [K, N]
+    codes = torch.zeros(k, n, dtype=torch.int8, device=w.device)
+    safe = torch.where(col_scale == 0, torch.ones_like(col_scale), col_scale)
+    minus8 = torch.full((n,), -8.0, dtype=w.dtype, device=w.device)
+    for i1 in range(0, k, lazy):
+        i2 = min(i1 + lazy, k)
+        w1, h1 = work[i1:i2], hinv[i1:i2, i1:i2]  # a view: updated in place
+        err1 = torch.empty_like(w1)
+        for i in range(i2 - i1):
+            c, s = i1 + i, col_scale[i1 + i]
+            q = torch.round(w1[i] / safe[c]).clamp_(-8, 7)
+            q = torch.where(pinned[c], minus8, q).mul_(s != 0)
+            codes[c] = q.to(torch.int8)
+            e = (w1[i] - q * s) / h1[i, i]
+            w1[i:].addr_(h1[i, i:], e, alpha=-1)
+            err1[i] = e
+        if i2 < k:
+            work[i2:].addmm_(hinv[i1:i2, i2:].T, err1, alpha=-1)
+    return pack_codes(codes.T)
+
+
+def pack_codes(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [N, K] in -8..7 -> uint8 [N, ceil(K / 2)], two per byte (what AwqResult keeps per weight)."""
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[1] % 2:
+        u = torch.nn.functional.pad(u, (0, 1), value=8)
+    return u[:, 0::2] | (u[:, 1::2] << 4)
+
+
+def unpack_codes(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """pack_codes' inverse: float codes [N, k]."""
+    both = torch.stack([packed & 15, packed >> 4], -1).reshape(packed.shape[0], -1)[:, :k]
+    return both.float() - 8.0
+
+
 def apply_blocks(w: torch.Tensor, choice: BlockChoice, block: int, grid: SearchGrid) -> torch.Tensor:
-    """alpha * clamp(block, ±c): ORT's absmax scale becomes alpha * c / 8 and the codes stay those of the clip."""
+    """alpha * clamp(block, ±c): ORT's absmax scale becomes alpha * c / 8 and the codes stay those of the clip.
+    With GPTQ codes: codes * that scale (the pinned -8 per block keeps ORT's scale and codes)."""
+    if choice.codes is not None:
+        scale, _ = block_scales(w, choice, block, grid)
+        return unpack_codes(choice.codes, w.shape[1]) * scale.repeat_interleave(block, 1)[:, : w.shape[1]]
     wb = pad_k(w, block).reshape(w.shape[0], -1, block)
     c = wb.abs().amax(-1, keepdim=True) * grid.shrink_factors(w.device)[choice.clip.long()].unsqueeze(-1)
     clipped = torch.minimum(torch.maximum(wb, -c), c)
