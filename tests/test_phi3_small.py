@@ -367,6 +367,7 @@ def test_every_target_exports(exported, small_ckpt: Path, target: str) -> None:
     recipe = read_manifest(pkg).recipe["quantization"]
     if t.quant is not None and t.quant.method == "awq":
         assert recipe["method"] == "rtn" and recipe["requested_method"] == "awq" and "Phi-3-small" in recipe["fallback"]
+        assert read_manifest(pkg).target.quant.block_size == TARGETS["int4-cpu"].quant.block_size  # RTN's, not 128
     sess = _session(pkg)
     dtype = np.float16 if t.io_dtype == "float16" else np.float32
     feed = {"input_ids": _ids(40, 600), "attention_mask": np.ones((1, 40), np.int64),

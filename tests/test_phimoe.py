@@ -446,3 +446,14 @@ def test_export_memory_estimate_counts_the_stacked_experts(tmp_path: Path) -> No
     spec = plan.spec
     stacked = spec.moe.num_experts * 2 * spec.intermediate_size * spec.hidden_size * 4  # fc1: gate and up of every expert
     assert plan.peak_ram_bytes >= 700 * 2**20 + stacked * 2 * SAVE_WORKERS
+
+
+def test_awq_targets_fall_back_to_rtn_at_the_rtn_block_size(exported, moe_ckpt: Path) -> None:
+    """AWQ cannot calibrate experts: the flagship's block 128 without AWQ would be less accurate than
+    int4-cpu, so its RTN fallback uses int4-cpu's block 32 (an explicit --block-size still wins)."""
+    from phi3_onnx.manifest import read_manifest as manifest_of
+
+    fallback = manifest_of(exported("int4-awq-cpu", moe_ckpt))
+    assert fallback.target.quant.block_size == TARGETS["int4-cpu"].quant.block_size == 32
+    assert (fallback.recipe["quantization"]["method"], fallback.recipe["quantization"]["requested_method"]) == ("rtn", "awq")
+    assert manifest_of(exported("int4-awq-cpu", moe_ckpt, block_size=64)).target.quant.block_size == 64

@@ -145,6 +145,16 @@ class AwqQuantizer:
         return quantize_int4
 
 
+def awq_runs_on(spec: ModelSpec) -> bool:
+    """Whether AWQ calibrates this architecture (Phi-3's dense layers); elsewhere AWQ targets fall back to RTN."""
+    return spec.moe is None and spec.small is None
+
+
+# Block size of an AWQ target's RTN fallback: the RTN targets' (int4-cpu / int4-cuda), since RTN at the
+# flagship's block 128 is less accurate than int4-cpu (benchmarks/RESULTS.md, the frontier table).
+RTN_FALLBACK_BLOCK = 32
+
+
 def _rtn_fallback(job: QuantizeInput, why: str) -> Quantized:
     """RTN weights where the requested method cannot run, recorded as such in the manifest's recipe."""
     record = _base_record(job.recipe) | {"method": "rtn", "requested_method": job.recipe.method, "fallback": why}
