@@ -378,7 +378,8 @@ def test_every_target_exports(exported, small_ckpt: Path, target: str) -> None:
         logits = _shared_kv_prefill(sess, feed, 40, dtype)
     else:
         logits = sess.run(["logits"], feed)[0].astype(np.float32)
-    weights = _dequantized(small_ckpt, t.quant.block_size) if t.quant else None
+    block = read_manifest(pkg).target.quant.block_size if t.quant else None  # an AWQ target's RTN fallback: 32
+    weights = _dequantized(small_ckpt, block) if t.quant else None
     want = _reference(small_ckpt, feed["input_ids"], weights)
     # int4 targets against the reference on their own dequantized weights; what is left is the int8
     # activations of accuracy level 4 (CPU: 1.1e-2 of the range here) or the CPU EP's fp16 MatMulNBits

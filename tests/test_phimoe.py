@@ -343,9 +343,10 @@ def test_int4_matches_dequantized_transformers(exported, moe_ckpt: Path, tmp_pat
 
 def test_dml_graph_equals_its_qmoe_twin_on_the_cpu_ep(exported, moe_ckpt: Path, tmp_path: Path) -> None:
     """The DirectML graph (plain-op experts, separate q/k/v + biases, RotaryEmbedding, position_ids) computes what
-    int4-cuda at block 128 (QMoE, packed qkv) computes from the same int4 weights, fp16 both, on the CPU EP."""
+    int4-cuda at the same block size (QMoE, packed qkv) computes from the same int4 weights, fp16 both, on the CPU EP."""
     dml = exported("int4-awq-dml", moe_ckpt)
-    twin = export(moe_ckpt, "int4-cuda", tmp_path / "twin", block_size=128)
+    block = read_manifest(dml).target.quant.block_size  # the RTN fallback's
+    twin = export(moe_ckpt, "int4-cuda", tmp_path / "twin", block_size=block)
     assert "QMoE" in {n.op_type for n in onnx.load(str(twin / "model.onnx"), load_external_data=False).graph.node}
     ids = _ids(120, seed=5)
     got, ref = _logits(dml, ids), _logits(twin, ids)

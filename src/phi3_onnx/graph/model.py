@@ -52,7 +52,7 @@ def make_norm(ctx: Context, name: str, x: ir.Value | None, residual: ir.Value, h
 
 
 def make_layer_norm(ctx: Context, name: str, x: ir.Value | None, residual: ir.Value, gamma: ir.Value, hf_name: str) -> tuple[ir.Value, ir.Value]:
-    """LayerNorm with bias (Phi-3.5-MoE; eps is the config's rms_norm_eps, as transformers reads it).
+    """LayerNorm with bias (Phi-3.5-MoE, Phi-3-small; eps is the config's rms_norm_eps / layer_norm_epsilon).
 
     residual ──LayerNormalization(gamma, beta)──▶ normed            (first layer)
     x, residual ──SkipLayerNormalization(gamma, beta)──▶ normed, x + residual
@@ -170,7 +170,7 @@ PHI3 = DecoderParts(make_attention_inputs, make_embedding, make_norm, make_atten
 PHI3_SMALL = DecoderParts(  # LayerNorm + biases, gegelu, muP scaling, block-sparse attention (graph/phi3_small.py)
     phi3_small.make_small_attention_inputs,
     lambda ctx, ids: phi3_small.scale_embedding(ctx, make_embedding(ctx, ids)),
-    phi3_small.make_layer_norm,
+    make_norm,  # spec.norm == "layer": LayerNorm with bias
     phi3_small.make_small_attention,
     phi3_small.make_gegelu_mlp,
     lambda ctx, x: phi3_small.scale_logits(ctx, make_lm_head(ctx, x)),

@@ -179,22 +179,6 @@ def _sparse_attention(ctx: Context, layer: int, qkv: QKV, past_k: ir.Value, past
     )
 
 
-def make_layer_norm(ctx: Context, name: str, x: ir.Value | None, residual: ir.Value, hf_name: str) -> tuple[ir.Value, ir.Value]:
-    """LayerNorm with bias, fused with the residual add when there is one.
-
-    residual ──LayerNormalization(γ, β)──▶ normed                (first layer)
-    x, residual ──SkipLayerNormalization(γ, β)──▶ normed, x + residual
-    """
-    h, eps = ctx.spec.hidden_size, ctx.spec.rms_norm_eps
-    gamma = make_weight(ctx, hf_name, (h,))
-    beta = make_weight(ctx, hf_name.removesuffix("weight") + "bias", (h,))
-    if x is None:
-        return ctx.b.op("LayerNormalization", [residual, gamma, beta], f"{name}/LayerNorm", axis=-1, epsilon=eps, stash_type=1), residual
-    outs = ctx.b.op_multi("SkipLayerNormalization", [x, residual, gamma, beta], f"{name}/SkipLayerNorm", domain=MS_DOMAIN,
-                          outputs=4, epsilon=eps)
-    return outs[0], outs[3]
-
-
 def _clamp(ctx: Context, name: str, x: ir.Value, low: float | None, high: float) -> ir.Value:
     """Where(IsInf(x), x, Clip(x, low, high)): the reference clamps finite values only."""
     b, dt = ctx.b, ctx.np_dtype
@@ -256,7 +240,6 @@ __all__ = [
     "SPARSE_ATTENTION_PROVIDERS",
     "SmallAttentionInputs",
     "make_gegelu_mlp",
-    "make_layer_norm",
     "make_small_attention",
     "make_small_attention_inputs",
     "make_sparse_bias",
