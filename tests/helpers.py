@@ -136,3 +136,19 @@ def make_random_phimoe(dst: Path, seed: int = 0, **config: Any) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy2(TINY_PHI3 / name, dst / name)
     return dst
+
+
+def genai_greedy(pkg: Path, prompt: list[int], new: int) -> list[int]:
+    """onnxruntime-genai's greedy continuation of `prompt` by exactly `new` tokens (end tokens suppressed)."""
+    import onnxruntime_genai as og
+
+    model = og.Model(str(pkg))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    out = []
+    while not gen.is_done():
+        gen.generate_next_token()
+        out.append(int(gen.get_next_tokens()[0]))
+    return out

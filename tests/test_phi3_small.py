@@ -27,6 +27,7 @@ from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import read_manifest
 from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
 from phi3_onnx.targets import TARGETS
+from helpers import genai_greedy
 
 REL_TOL = 1e-4  # max |diff| / logit range, as tests/test_export.py
 
@@ -237,20 +238,10 @@ def test_sparse_attention_graph_matches_reference(small_ckpt: Path, tmp_path: Pa
 def test_genai_greedy_equals_reference_greedy(exported, small_ckpt: Path) -> None:
     """onnxruntime-genai (model type phi3small, shared KV buffer, GQA + the block-sparse bias) generates the
     reference's greedy tokens, across block boundaries and past the local window."""
-    import onnxruntime_genai as og
-
     pkg = exported("fp32-cpu", small_ckpt)
     assert json.loads((pkg / "genai_config.json").read_text())["model"]["type"] == "phi3small"
     prompt, new = _ids(40, 600, seed=5)[0].tolist(), 90
-    model = og.Model(str(pkg))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    got = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        got.append(int(gen.get_next_tokens()[0]))
+    got = genai_greedy(pkg, prompt, new)
     with torch.no_grad():
         want = ref.reference_greedy(ref.load_weights(small_ckpt), _cfg(small_ckpt), prompt, new)
     assert got == want

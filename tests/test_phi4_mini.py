@@ -17,7 +17,7 @@ import onnx
 import pytest
 import torch
 
-from helpers import make_random_phi3, phi4_mini_like
+from helpers import genai_greedy, make_random_phi3, phi4_mini_like
 from phi3_onnx import export
 from phi3_onnx.checkpoint import SafetensorsCheckpoint, spec_from_folder
 from phi3_onnx.manifest import read_manifest
@@ -58,19 +58,7 @@ def test_tied_fp32_stores_the_table_once(exported, phi4_ckpt: Path) -> None:
     assert {n.op_type for n in model.graph.node} >= {"Gather", "Gemm"}
 
 
-def _genai_greedy(pkg: Path, prompt: list[int], new: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    og_model = og.Model(str(pkg))
-    params = og.GeneratorParams(og_model)
-    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-    gen = og.Generator(og_model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
+_genai_greedy = genai_greedy
 
 
 def _hf_greedy(model, prompt: list[int], new: int) -> list[int]:

@@ -26,7 +26,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import make_random_phimoe, phimoe_like, phimoe_longrope
+from helpers import genai_greedy, make_random_phimoe, phimoe_like, phimoe_longrope
 from test_export import _assert_close, _empty_past, _ids, _session
 from transformers import DynamicCache, PhimoeForCausalLM
 from transformers.models.phimoe import modeling_phimoe
@@ -355,19 +355,7 @@ def test_dml_graph_equals_its_qmoe_twin_on_the_cpu_ep(exported, moe_ckpt: Path, 
     assert err < 5e-3 and agree >= 0.99
 
 
-def _genai_greedy(pkg: Path, prompt: list[int], new: int) -> list[int]:
-    import onnxruntime_genai as og
-
-    model = og.Model(str(pkg))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
+_genai_greedy = genai_greedy
 
 
 def test_genai_greedy_equals_transformers_greedy(exported, moe_ckpt: Path) -> None:
