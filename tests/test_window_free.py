@@ -20,6 +20,7 @@ import onnxruntime as ort
 import pytest
 
 from phi3_onnx import export
+from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import read_manifest
 from phi3_onnx.package.window_free import WINDOW_FREE_DECODER, wants_window_free
 from phi3_onnx.runtime import load
@@ -115,12 +116,33 @@ def test_a_prompt_longer_than_the_window_starts_on_the_windowed_decoder(fp32_dua
     assert got == _torch_greedy_cached(_reference(tiny_sliding_ckpt), np.array([prompt]), 20, tuple(model.stop_token_ids))
 
 
-def test_engine_and_short_loads_pick_the_right_decoder(fp32_dual: Path) -> None:
+def test_engine_and_short_loads_pick_the_right_decoder(fp32_dual: Path, tiny_sliding_ckpt: Path) -> None:
+    """genai's batching Engine runs the window-free decoder and cannot move a request, so it takes only turns
+    that fit the window; the rest run on their own Generator (serve does that), exact either way."""
+    import queue
+
+    from phi3_onnx.runtime.batch import BatchEngine
+
     short = load(fp32_dual, device="cpu", max_length=WINDOW)  # no sequence can pass the window
-    assert short.window_switch() is None and short.engine_og_model() is short._og
+    assert short.window_switch() is None
     long = load(fp32_dual, device="cpu", max_length=256)
     assert long.window_switch().after == WINDOW
-    assert long.engine_og_model() is long.windowed_og_model() is not long._og  # the Engine cannot move a request
+    engine = BatchEngine(long).start()
+    try:
+        fits, passes = long.options(max_new_tokens=40, min_new_tokens=40), long.options(max_new_tokens=90)
+        prompt = _ids(30, seed=6)[0].tolist()
+        assert engine.accepts(fits, len(prompt)) and not engine.accepts(passes, len(prompt))
+        with pytest.raises(Phi3OnnxError, match="sliding window"):
+            engine.submit(prompt, passes, lambda event: None)
+        events: queue.Queue = queue.Queue()
+        engine.submit(prompt, fits, events.put)
+        got = []
+        while (event := events.get(timeout=60)).token is not None:
+            got.append(event.token)
+        ref = _torch_greedy_cached(_reference(tiny_sliding_ckpt), np.array([prompt]), 40, tuple(long.stop_token_ids))
+        assert got == ref and long._og_windowed is None  # ran on the window-free decoder, exactly
+    finally:
+        engine.close()
 
 
 def test_one_shot_generators_are_sized_to_the_call(fp32_dual: Path) -> None:

@@ -5,7 +5,8 @@ bounded queue), calls `Engine.run` (one batched step over every active turn) and
 to its job's callback. Greedy answers equal the sequential `Phi3Model.generate` ones (tested).
 
 genai's static-batching Engine (what a GQA package gets) has no per-turn seed and no stop strings:
-`accepts()` says no to seeded sampling (run those on their own Generator), and stop strings are the
+`accepts()` says no to seeded sampling and to turns that could pass a window-free decoder's window
+(run those on their own Generator), and stop strings are the
 caller's to watch (cancel the job when one appears).
 """
 
@@ -94,14 +95,19 @@ class BatchEngine:
     def stats(self) -> dict[str, int]:
         return {"active": len(self._active), "waiting": len(self._waiting), "max_batch": self.max_batch}
 
-    @staticmethod
-    def accepts(options: GenerationOptions) -> bool:
-        """False for seeded sampling: the static-batching Engine cannot seed a turn."""
-        return options.greedy or options.seed is None
+    def accepts(self, options: GenerationOptions, prompt_length: int = 0) -> bool:
+        """False for seeded sampling (the static-batching Engine cannot seed a turn) and, on a package whose
+        Engine runs the window-free decoder (package.window_free), for a turn that could pass the window
+        (a request cannot move between decoders): run those on their own Generator."""
+        if not (options.greedy or options.seed is None):
+            return False
+        longest = prompt_length + options.max_new_tokens + 1  # + the end token after a grammar-bounded answer
+        return self.model.window_switch(max_length=longest) is None
 
     def submit(self, prompt_ids: Sequence[int], options: GenerationOptions, on_event: Callable[[Event], None]) -> Job:
-        if not self.accepts(options):
-            raise Phi3OnnxError("seeded sampling does not run on the batching engine")
+        if not self.accepts(options, len(prompt_ids)):
+            raise Phi3OnnxError("this request does not run on the batching engine (seeded sampling, or it could "
+                                "pass the sliding window of a window-free decoder)")
         if self._closed:
             raise Phi3OnnxError("the engine is closed")
         self.model.check_room(len(prompt_ids))

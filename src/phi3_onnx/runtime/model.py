@@ -135,9 +135,10 @@ class Phi3Model:
         return WindowSwitch(window - draft_tokens, self.windowed_og_model)
 
     def engine_og_model(self) -> Any:
-        """The og.Model for genai's batching Engine, which cannot move a request between decoders: the
-        window-free one only when no sequence can pass the window (max_length <= window)."""
-        return self._og if self.window_switch() is None else self.windowed_og_model()
+        """The og.Model for genai's batching Engine: the default one (window-free where the package has it).
+        The Engine cannot move a request between decoders, so `BatchEngine.accepts` sends a turn that could
+        pass the window to its own Generator (a Decoder, which moves)."""
+        return self._og
 
     @property
     def context_length(self) -> int:

@@ -82,7 +82,7 @@ class Service:
 
         if self.model.speculative is not None:  # `serve --speculative ngram`: drafts on every request
             options = dataclasses.replace(options, speculative=self.model.speculative)
-        batched = self.engine.accepts(options) and options.speculative is None
+        batched = self.engine.accepts(options, len(ids)) and options.speculative is None
         job: Cancellable = self.engine.submit(ids, options, emit) if batched else _ThreadJob(self, ids, options, emit)
         text = TextAssembler(self.model, options.stop, ids)
         count = 0
