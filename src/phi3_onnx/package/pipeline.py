@@ -86,7 +86,7 @@ def resolve_target(target: str | Target, options: ExportOptions) -> Target:
 
 
 def _fallback_block(target: Target, spec: ModelSpec, options: ExportOptions) -> Target:
-    """An AWQ target on an architecture AWQ cannot calibrate (Phi-3.5-MoE, Phi-3-small) quantizes with RTN:
+    """An AWQ target on an architecture AWQ cannot calibrate (Phi-3-small) quantizes with RTN:
     at the RTN targets' block size unless --block-size says otherwise (RTN at block 128 is less accurate)."""
     if target.quant is None or target.quant.method != "awq" or awq_runs_on(spec) or options.block_size is not None:
         return target
@@ -123,7 +123,9 @@ def _peak_ram(spec: ModelSpec, largest_tensor: int, target: Target) -> int:
 def _awq_ram(spec: ModelSpec, target: Target) -> int:
     """AWQ's extra: one layer's float32 weights (three copies) and the calibration hidden states."""
     if target.quant is None or target.quant.method != "awq" or not awq_runs_on(spec):
-        return 0  # Phi-3.5-MoE, Phi-3-small: RTN fallback, no calibration
+        return 0  # Phi-3-small: RTN fallback, no calibration
+    if spec.moe is not None:
+        return _awq_moe_ram(spec)
     layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
                 for r, t in TENSORS.items() if t.per_layer) * 4
     # GPTQ rounding: its codes (4 bits per weight of every int4 linear, kept until the weights are
@@ -132,6 +134,20 @@ def _awq_ram(spec: ModelSpec, target: Target) -> int:
     widest = max(spec.hidden_size, spec.intermediate_size)
     grams = (3 * spec.hidden_size ** 2 + spec.intermediate_size ** 2) * 4
     return 3 * layer + 8 * 256 * spec.hidden_size * 4 * 4 + codes + grams + widest * widest * 20
+
+
+def _awq_moe_ram(spec: ModelSpec) -> int:
+    """Phi-3.5-MoE's AWQ extra (quantize/awq_moe.py): the attention weights and router, every expert's searched
+    rows, one expert at a time (three copies), the calibration states (hidden, MoE input, expert outputs), one
+    expert's full input Grams plus the Cholesky work, and GPTQ's codes for every int4 weight (kept until written)."""
+    h, i, e, kv = spec.hidden_size, spec.intermediate_size, spec.moe.num_experts, spec.kv_dim
+    attention = (h * (h + 2 * kv) + h * h + e * h) * 4
+    expert = 3 * h * i * 4
+    tokens = 8 * 256
+    states = tokens * h * 4 * 8 + tokens * i * 4 * 2
+    grams = (h * h + i * i) * 4 + max(h, i) ** 2 * 20
+    codes = (spec.num_layers * (h * (h + 2 * kv) + h * h + e * expert // 4) + spec.vocab_size * h) // 2
+    return 3 * attention + 3 * expert + e * 2 * min(i, 512) * h * 4 + states + grams + codes
 
 
 def _check_memory(spec: ModelSpec, peak: int) -> None:

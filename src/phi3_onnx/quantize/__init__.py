@@ -6,6 +6,7 @@ what it actually ran, which the package stage writes into the manifest's `recipe
 
     rtn.py         round-to-nearest int4, packed by ORT's own kernel (every method's packer)
     awq.py         activation-aware scales + per-block clip/refit + GPTQ rounding (PyTorch; the `[awq]` extra)
+    awq_moe.py     the same for Phi-3.5-MoE: LayerNorm + biases, the router's shared scale, per-expert statistics
     awq_search.py  the searches AWQ runs
     torch_phi3.py  a Phi-3 decoder layer in PyTorch, for calibration
 """
@@ -105,17 +106,6 @@ def calibration_record(options: CalibrationOptions) -> dict[str, Any]:
             "tokens_per_sample": CALIBRATION_SEQ_LEN}
 
 
-def moe_awq_fallback_record(recipe: QuantRecipe) -> dict[str, Any]:
-    """What an AWQ target runs for Phi-3.5-MoE: round-to-nearest for every weight, said so in the manifest.
-
-    AWQ's calibration layer (torch_phi3.py) is Phi-3's dense MLP; scaling experts needs per-expert
-    activation statistics from the tokens routed to each expert, not done yet.
-    """
-    return _base_record(recipe) | {"method": "rtn", "requested_method": "awq",
-                                   "fallback": "AWQ calibration is not implemented for PhimoeForCausalLM (mixture of "
-                                               "experts): every weight is int4 round-to-nearest; the router stays float32"}
-
-
 @dataclass(frozen=True)
 class AwqQuantizer:
     """Activation-aware scales and per-block clip + refit (phi3_onnx.quantize.awq), packed like RTN."""
@@ -124,8 +114,6 @@ class AwqQuantizer:
     needs: str | None = "awq"
 
     def prepare(self, job: QuantizeInput) -> Quantized:
-        if job.spec.moe is not None:
-            return Quantized(job.checkpoint, moe_awq_fallback_record(job.recipe))
         if job.spec.small is not None:
             return _rtn_fallback(job, "AWQ's calibration layer is Phi-3's (RMSNorm, SiLU); Phi-3-small's (LayerNorm, "
                                       "gegelu, block-sparse attention) is not implemented: int4 RTN instead")
@@ -138,6 +126,10 @@ class AwqQuantizer:
         cal = job.calibration
         record = _base_record(job.recipe) | {"calibration": calibration_record(cal),
                                              "rounding": "gptq" if awq.AwqSettings().grid.gptq else "nearest"}
+        if job.spec.moe is not None:
+            record["moe"] = ("one input scale shared by the router (float32, exact) and every expert's w1/w3; per-expert "
+                             "w2 scales folded into w3's rows; per-expert statistics from the tokens sparsemixer routes "
+                             "to each expert; clip/refit and rounding per expert matrix")
         weights = awq.awq_weights(job.folder, job.spec, job.recipe, cal.file, cal.sample_count, progress=job.progress)
         return Quantized(weights, record)
 
@@ -146,8 +138,9 @@ class AwqQuantizer:
 
 
 def awq_runs_on(spec: ModelSpec) -> bool:
-    """Whether AWQ calibrates this architecture (Phi-3's dense layers); elsewhere AWQ targets fall back to RTN."""
-    return spec.moe is None and spec.small is None
+    """Whether AWQ calibrates this architecture (Phi-3's dense layers, Phi-3.5-MoE's attention and experts);
+    elsewhere (Phi-3-small) AWQ targets fall back to RTN."""
+    return spec.small is None
 
 
 # Block size of an AWQ target's RTN fallback: the RTN targets' (int4-cpu / int4-cuda), since RTN at the
