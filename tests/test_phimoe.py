@@ -448,9 +448,9 @@ def test_export_memory_estimate_counts_the_stacked_experts(tmp_path: Path) -> No
 
 def _moe_awq(ckpt: Path, target):
     """AWQ's weight source for a MoE checkpoint with the exporter's defaults (8 x 256 built-in calibration tokens)."""
-    from phi3_onnx.quantize.awq import awq_weights
+    from phi3_onnx.quantize.awq_moe import awq_moe_weights
 
-    return awq_weights(ckpt, spec_from_folder(ckpt), TARGETS[target].quant if isinstance(target, str) else target.quant)
+    return awq_moe_weights(ckpt, spec_from_folder(ckpt), TARGETS[target].quant if isinstance(target, str) else target.quant)
 
 
 def _model_over(ckpt: Path, weights, block: int | None, dst: Path) -> PhimoeForCausalLM:

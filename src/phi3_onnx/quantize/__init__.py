@@ -130,7 +130,11 @@ class AwqQuantizer:
             record["moe"] = ("one input scale shared by the router (float32, exact) and every expert's w1/w3; per-expert "
                              "w2 scales folded into w3's rows; per-expert statistics from the tokens sparsemixer routes "
                              "to each expert; clip/refit and rounding per expert matrix")
-        weights = awq.awq_weights(job.folder, job.spec, job.recipe, cal.file, cal.sample_count, progress=job.progress)
+        if job.spec.moe is not None:  # Phi-3.5-MoE: its own layer, router and experts
+            from phi3_onnx.quantize.awq_moe import awq_moe_weights as make_weights
+        else:
+            make_weights = awq.awq_weights
+        weights = make_weights(job.folder, job.spec, job.recipe, cal.file, cal.sample_count, progress=job.progress)
         return Quantized(weights, record)
 
     def packer(self) -> Int4Packer:

@@ -425,18 +425,18 @@ def calibrate(folder: Path, spec: ModelSpec, recipe: QuantRecipe, text: str, set
 
 def awq_weights(checkpoint_folder: str | Path, spec: ModelSpec, recipe: QuantRecipe, calibration: str | None = None,
                 samples: int = DEFAULT_SAMPLES, *, settings: AwqSettings | None = None, progress: bool = False):
-    """Calibrate on `calibration` (a text file; None: the built-in one) and return AWQ's weight source."""
-    if not recipe.symmetric:
-        raise Phi3OnnxError("AWQ supports symmetric int4 only (its search emulates ORT's symmetric packer)")
-    folder = Path(checkpoint_folder)
-    settings = replace(settings or AwqSettings(), samples=samples)
-    if spec.moe is not None:  # Phi-3.5-MoE: its own layer, router and experts (awq_moe.py)
-        from phi3_onnx.quantize import awq_moe
-
-        result = awq_moe.calibrate(folder, spec, recipe, calibration_text(calibration), settings, progress)
-        return awq_moe.MoeAwqWeights(SafetensorsCheckpoint(folder), spec, result, recipe.block_size, settings.grid)
+    """Calibrate Phi-3's dense layers on `calibration` (a text file; None: the built-in one) and return AWQ's
+    weight source (Phi-3.5-MoE: awq_moe.awq_moe_weights)."""
+    folder, settings = Path(checkpoint_folder), run_settings(recipe, settings, samples)
     result = calibrate(folder, spec, recipe, calibration_text(calibration), settings, progress)
     return AwqWeights(SafetensorsCheckpoint(folder), spec, result, recipe.block_size, settings.grid)
 
 
-__all__ = ["AwqLayer", "AwqResult", "AwqSettings", "AwqWeights", "DEFAULT_SAMPLES", "awq_weights", "calibrate"]
+def run_settings(recipe: QuantRecipe, settings: AwqSettings | None, samples: int) -> AwqSettings:
+    """The settings one AWQ run uses (`samples` calibration windows); refuses what AWQ cannot emulate."""
+    if not recipe.symmetric:
+        raise Phi3OnnxError("AWQ supports symmetric int4 only (its search emulates ORT's symmetric packer)")
+    return replace(settings or AwqSettings(), samples=samples)
+
+
+__all__ = ["AwqLayer", "AwqResult", "AwqSettings", "AwqWeights", "DEFAULT_SAMPLES", "awq_weights", "calibrate", "run_settings"]

@@ -25,6 +25,7 @@ Experts are read one at a time, so the layer's experts are never all in memory a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,8 +35,8 @@ from phi3_onnx.checkpoint.phimoe_tensors import parse_phimoe_name, phimoe_name
 from phi3_onnx.checkpoint.reader import SafetensorsCheckpoint
 from phi3_onnx.progress import task
 from phi3_onnx.quantize import torch_phi3 as tp
-from phi3_onnx.quantize.awq import (AwqSettings, _cpu_threads, _device, calibration_ids, qkv_rows, tie_heads,
-                                    v_row_scale)
+from phi3_onnx.quantize.awq import (DEFAULT_SAMPLES, AwqSettings, _cpu_threads, _device, calibration_ids,
+                                    calibration_text, qkv_rows, run_settings, tie_heads, v_row_scale)
 from phi3_onnx.quantize.awq_search import (BlockChoice, SearchGrid, apply_blocks, best_scale, block_gram, evenly_spaced,
                                            fake_int4, gptq_codes, normalized_weight_mean, scale_candidates,
                                            search_blocks, search_scale)
@@ -304,6 +305,14 @@ def calibrate(folder, spec: ModelSpec, recipe: QuantRecipe, text: str, settings:
     return MoeAwqResult(layers, head)
 
 
+def awq_moe_weights(checkpoint_folder, spec: ModelSpec, recipe: QuantRecipe, calibration: str | None = None,
+                    samples: int = DEFAULT_SAMPLES, *, settings: AwqSettings | None = None, progress: bool = False):
+    """awq.awq_weights for Phi-3.5-MoE: calibrate its layers, router and experts; return the weight source."""
+    folder, settings = Path(checkpoint_folder), run_settings(recipe, settings, samples)
+    result = calibrate(folder, spec, recipe, calibration_text(calibration), settings, progress)
+    return MoeAwqWeights(SafetensorsCheckpoint(folder), spec, result, recipe.block_size, settings.grid)
+
+
 # ----------------------------------------------------------------------------- the weight source
 
 
@@ -351,4 +360,4 @@ class MoeAwqWeights:
         return MoeAwqWeights(self.ckpt, self.spec, self.result, self.block, self.grid, clip=False)
 
 
-__all__ = ["MoeAwqLayer", "MoeAwqResult", "MoeAwqWeights", "MoeLayerScales", "calibrate", "fold", "sparsemixer"]
+__all__ = ["MoeAwqLayer", "MoeAwqResult", "MoeAwqWeights", "MoeLayerScales", "awq_moe_weights", "calibrate", "fold", "sparsemixer"]
