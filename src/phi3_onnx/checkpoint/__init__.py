@@ -15,16 +15,30 @@ from phi3_onnx.checkpoint.config import load_config, spec_from_config, spec_from
 from phi3_onnx.checkpoint.hub import resolve_model
 from phi3_onnx.checkpoint.presets import PRESET_NAMES, preset, preset_config
 from phi3_onnx.checkpoint.reader import SafetensorsCheckpoint, checkpoint_bytes
-from phi3_onnx.checkpoint.tensors import check_tensors, expected_tensors, tensor_name
+from phi3_onnx.checkpoint import phi3_small, phimoe_tensors, tensors
+from phi3_onnx.checkpoint.tensors import TensorShapes, tensor_name
 from phi3_onnx.spec import ModelSpec
+
+
+def check_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
+    """Every tensor known, the layer count right, nothing missing, every shape the config's, by the table
+    of the spec's architecture (Phi-3-small's are checked under its own names)."""
+    if spec.moe is not None:
+        return phimoe_tensors.check_phimoe_tensors(ckpt, spec)
+    if spec.small is not None:
+        return phi3_small.check_small_tensors(ckpt, spec)
+    return tensors.check_tensors(ckpt, spec)
+
+
+def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
+    """The Hugging Face tensor names and shapes a checkpoint of this spec must contain (Phi-3, Phi-3.5-MoE)."""
+    return phimoe_tensors.expected_phimoe_tensors(spec) if spec.moe is not None else tensors.expected_tensors(spec)
 
 
 def open_checkpoint(folder, spec: ModelSpec) -> SafetensorsCheckpoint:
     """The checkpoint's tensors under the Phi-3 names every later stage reads (Phi-3-small: a renaming view)."""
     if spec.small is not None:
-        from phi3_onnx.checkpoint.phi3_small import open_small
-
-        return open_small(folder, spec)  # type: ignore[return-value]  (the same reader interface)
+        return phi3_small.open_small(folder, spec)  # type: ignore[return-value]  (the same reader interface)
     return SafetensorsCheckpoint(folder)
 
 __all__ = [

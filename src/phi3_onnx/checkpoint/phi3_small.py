@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from phi3_onnx.checkpoint.reader import SafetensorsCheckpoint, TensorEntry
-from phi3_onnx.checkpoint.tensors import TensorShapes, tensor_name
+from phi3_onnx.checkpoint.tensors import TensorShapes, tensor_name, unused_after_shapes
 from phi3_onnx.checkpoint.tiktoken import RESERVED, chat_stop_ids
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.spec import ModelSpec, SmallSpec
@@ -212,13 +212,7 @@ class Phi3SmallCheckpoint:
 def check_small_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
     """Every Phi-3-small tensor present with the config's shape, nothing else (layer count included)."""
     raw = ckpt.raw if isinstance(ckpt, Phi3SmallCheckpoint) else ckpt
-    expected = {own: shape for own, _, shape in small_names(spec).values()}
-    for own, shape in expected.items():
-        if own not in raw:
-            raise Phi3OnnxError(f"checkpoint lacks tensor {own}")
-        if raw.shape(own) != shape:
-            raise Phi3OnnxError(f"tensor {own} has shape {raw.shape(own)}, config says {shape}")
-    extra = sorted(set(raw.names()) - set(expected))
+    extra = unused_after_shapes(raw, {own: shape for own, _, shape in small_names(spec).values()})
     if extra:
         why = " while tie_word_embeddings is true" if extra == ["lm_head.weight"] else ""
         layer = " (more decoder layers than num_hidden_layers?)" if ".layers." in extra[0] else ""

@@ -33,6 +33,7 @@ from phi3_onnx.checkpoint.tensors import (
     TensorShapes,
     _check_layers,
     tensor_name,
+    unused_after_shapes,
 )
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.spec import ModelSpec
@@ -136,13 +137,7 @@ def check_phimoe_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
     experts = {e for _, _, e in parsed.values() if e is not None}
     if experts and max(experts) >= _n_experts(spec):
         raise Phi3OnnxError(f"config.json says num_local_experts {_n_experts(spec)}, but the checkpoint holds expert {max(experts)}")
-    expected = expected_phimoe_tensors(spec)
-    for name, shape in expected.items():
-        if name not in ckpt:
-            raise Phi3OnnxError(f"checkpoint lacks tensor {name}")
-        if ckpt.shape(name) != shape:
-            raise Phi3OnnxError(f"tensor {name} has shape {ckpt.shape(name)}, config says {shape}")
-    extra = sorted(set(parsed) - set(expected))
+    extra = unused_after_shapes(ckpt, expected_phimoe_tensors(spec))
     if extra:
         raise Phi3OnnxError(f"checkpoint holds tensor {extra[0]} that the config does not use"
                             " (attention_bias / lm_head_bias / tie_word_embeddings)")

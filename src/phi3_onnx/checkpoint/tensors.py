@@ -108,11 +108,8 @@ def parse_name(name: str) -> TensorKey:
 
 
 def expected_tensors(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
-    """The Hugging Face tensor names and shapes a checkpoint of this spec must contain."""
-    if spec.moe is not None:  # Phi-3.5-MoE has its own table (checkpoint/phimoe_tensors.py)
-        from phi3_onnx.checkpoint.phimoe_tensors import expected_phimoe_tensors
-
-        return expected_phimoe_tensors(spec)
+    """The Hugging Face tensor names and shapes a Phi3ForCausalLM checkpoint of this spec must contain
+    (every architecture: phi3_onnx.checkpoint.expected_tensors)."""
     out: dict[str, tuple[int, ...]] = {}
     for role, t in TENSORS.items():
         if role == "lm_head" and spec.tie_word_embeddings:
@@ -143,29 +140,27 @@ def _check_layers(keys: dict[str, TensorKey], spec: ModelSpec) -> None:
     raise Phi3OnnxError(f"config.json says num_hidden_layers {spec.num_layers}, but the checkpoint holds {present}{detail}")
 
 
-def check_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
-    """Every tensor known, the layer count right, nothing missing, every shape the config's."""
-    if spec.moe is not None:
-        from phi3_onnx.checkpoint.phimoe_tensors import check_phimoe_tensors
-
-        return check_phimoe_tensors(ckpt, spec)
-    if spec.small is not None:  # Phi-3-small names its tensors its own way (checkpoint.phi3_small)
-        from phi3_onnx.checkpoint.phi3_small import check_small_tensors
-
-        return check_small_tensors(ckpt, spec)
-    keys = {name: parse_name(name) for name in ckpt.names()}  # an unknown name is an error
-    _check_layers(keys, spec)
-    expected = expected_tensors(spec)
+def unused_after_shapes(ckpt: TensorShapes, expected: dict[str, tuple[int, ...]]) -> list[str]:
+    """Every `expected` tensor present with its shape (else a one-line error); returns the checkpoint's
+    other names, sorted (each architecture words that error itself)."""
     for name, shape in expected.items():
         if name not in ckpt:
             raise Phi3OnnxError(f"checkpoint lacks tensor {name}")
         if ckpt.shape(name) != shape:
             raise Phi3OnnxError(f"tensor {name} has shape {ckpt.shape(name)}, config says {shape}")
-    extra = sorted(set(keys) - set(expected))
+    return sorted(set(ckpt.names()) - set(expected))
+
+
+def check_tensors(ckpt: TensorShapes, spec: ModelSpec) -> None:
+    """Phi3ForCausalLM: every tensor known, the layer count right, nothing missing, every shape the config's
+    (every architecture: phi3_onnx.checkpoint.check_tensors)."""
+    keys = {name: parse_name(name) for name in ckpt.names()}  # an unknown name is an error
+    _check_layers(keys, spec)
+    extra = unused_after_shapes(ckpt, expected_tensors(spec))
     if extra:
         why = " while tie_word_embeddings is true" if extra == [tensor_name("lm_head")] else ""
         raise Phi3OnnxError(f"checkpoint holds tensor {extra[0]} that the config does not use{why}")
 
 
 __all__ = ["LAYER_LINEARS", "LAYER_ROLES", "TENSORS", "TensorInfo", "TensorKey", "check_tensors",
-           "expected_tensors", "info", "lm_head_role", "parse_name", "tensor_name"]
+           "expected_tensors", "info", "lm_head_role", "parse_name", "tensor_name", "unused_after_shapes"]
