@@ -46,7 +46,7 @@ from phi3_onnx.targets import TARGETS
 
 TARGET_NAMES = ("fp16-cuda", "int4-cuda", "int4-awq-cuda")
 PREFILL, DECODE, CAPACITY = 1024, 48, 1152
-TOL = {"fp16-cuda": 2e-2, "int4-cuda": 2e-2, "int4-awq-cuda": 2e-2}  # fp16 activations, fp32 reference
+TOL = {"fp16-cuda": 5e-3, "int4-cuda": 5e-3, "int4-awq-cuda": 5e-3}  # fp16 activations, fp32 reference (9e-4 measured on the CPU EP)
 OVERRIDES = {"hidden_size": 512, "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
              "ff_intermediate_size": 1024, "blocksparse_block_size": 64, "blocksparse_triton_kernel_block_size": 64,
              "blocksparse_num_local_blocks": 2, "blocksparse_vert_stride": 4, "max_position_embeddings": 2048}
@@ -71,9 +71,13 @@ def build_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def dequantized(weights: dict[str, torch.Tensor], block: int) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(dequantize_int4(quantize_int4(v.numpy(), block), *v.shape, block)).float() if v.dim() == 2 else v
-            for k, v in weights.items()}
+def dequantized(weights: dict[str, torch.Tensor], block: int, dtype: str) -> dict[str, torch.Tensor]:
+    """Each 2-D weight through the package's int4 round trip: an fp16 package quantizes the fp16-cast weight
+    (fp16 scales), which gives some weights another int4 code than the float32 round trip would."""
+    def trip(v: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(dequantize_int4(quantize_int4(v.numpy().astype(dtype), block, dtype=dtype), *v.shape, block)).float()
+
+    return {k: trip(v) if v.dim() == 2 else v for k, v in weights.items()}
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -136,7 +140,10 @@ def check_target(name: str, ckpt: Path, work: Path, cfg: dict, weights: dict, ro
     t = TARGETS[name]
     pkg = export(ckpt, name, work / name, force=True)
     recipe = json.loads((pkg / "manifest.json").read_text())["recipe"]["quantization"]
-    w = dequantized(weights, t.quant.block_size) if t.quant else weights
+    # the block that ran (an AWQ target on Phi-3-small falls back to RTN at int4-cpu's block)
+    w = dequantized(weights, recipe["block_size"], t.io_dtype) if recipe else weights
+    if recipe and recipe["method"] != "rtn":
+        raise SystemExit(f"{name}: the reference here is RTN's round trip, the package ran {recipe['method']}")
     ops = sorted({n.op_type for n in __import__("onnx").load(str(pkg / "model.onnx"), load_external_data=False).graph.node if "Attention" in n.op_type})
     row("graph", "+".join(ops), ops == ["GroupQueryAttention", "SparseAttention"], f"quant: {recipe['method'] if recipe else 'none'}")
     ids = np.random.default_rng(1).integers(3, 256, size=(1, PREFILL + DECODE)).astype(np.int64)

@@ -308,17 +308,19 @@ def test_transformers_5_rotary_never_uses_long_factors(exported, moe_longrope_ck
     assert np.abs(_logits(pkg, ids) - long).max() / np.ptp(long) > 1e-2
 
 
-def _dequantized_model(ckpt: Path, block: int) -> PhimoeForCausalLM:
+def _dequantized_model(ckpt: Path, block: int, dtype: str = "float32") -> PhimoeForCausalLM:
     """transformers with every quantized weight replaced by its int4 round trip (the router and the embedding
-    stay float, as in the package); experts are [E, N, K] parameters in transformers 5, quantized row-wise per expert."""
+    stay float, as in the package); experts are [E, N, K] parameters in transformers 5, quantized row-wise per expert.
+    dtype: the package's weight dtype before quantization (an fp16 package quantizes the fp16-cast weights,
+    with fp16 scales: a different int4 code for some weights than the float32 round trip)."""
     model = _reference(ckpt)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() < 2 or "router" in name or "embed_tokens" in name:
                 continue
-            w = p.numpy().reshape(-1, p.shape[-2], p.shape[-1])
-            out = np.stack([dequantize_int4(quantize_int4(m, block), m.shape[0], m.shape[1], block) for m in w])
-            p.copy_(torch.from_numpy(out.reshape(p.shape)))
+            w = p.numpy().reshape(-1, p.shape[-2], p.shape[-1]).astype(dtype)
+            out = np.stack([dequantize_int4(quantize_int4(m, block, dtype=dtype), m.shape[0], m.shape[1], block) for m in w])
+            p.copy_(torch.from_numpy(out.reshape(p.shape).astype(np.float32)))
     return model
 
 
