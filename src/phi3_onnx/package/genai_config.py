@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from phi3_onnx.spec import ModelSpec
-from phi3_onnx.targets import Target
+from phi3_onnx.targets import Target, graph_capture_ok
 from phi3_onnx.targets.providers import PROVIDERS
 
 def decoder_inputs(target: Target) -> dict[str, str]:
@@ -24,7 +24,8 @@ def default_max_length(spec: ModelSpec) -> int:
 
 def genai_config(spec: ModelSpec, target: Target, max_length: int) -> dict[str, Any]:
     ep = PROVIDERS[target.provider]
-    session: dict[str, Any] = {"log_id": "onnxruntime-genai", **ep.session_threads, "provider_options": ep.provider_options()}
+    session: dict[str, Any] = {"log_id": "onnxruntime-genai", **ep.session_threads,
+                               "provider_options": ep.provider_options(capture=graph_capture_ok(spec, target))}
     eos = list(spec.eos_token_ids) or [spec.pad_token_id]
     return {
         "model": {

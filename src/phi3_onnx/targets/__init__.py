@@ -223,6 +223,14 @@ def needs_shared_kv(spec: Any, target: Target) -> bool:
     return not all(small.is_dense(i) for i in range(spec.num_layers))
 
 
+def graph_capture_ok(spec: Any, target: Target) -> bool:
+    """Whether genai may capture the package's decode step as a graph (CUDA graphs). Not with SparseAttention:
+    ORT 1.31's CUDA kernel synchronizes its stream inside the step (cudaStreamSynchronize in
+    sparse_attention_impl.cu), which a capture refuses ("operation not permitted when stream is capturing",
+    measured on an H200, benchmarks/results/gpu_small_check-h200.log)."""
+    return not needs_shared_kv(spec, target)
+
+
 def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
@@ -231,4 +239,4 @@ def get_target(name: str) -> Target:
 
 
 __all__ = ["DriftLimits", "GraphOptions", "QuantRecipe", "SPARSE_ATTENTION_PROVIDERS", "TARGETS", "Target", "get_target",
-           "needs_shared_kv"]
+           "graph_capture_ok", "needs_shared_kv"]

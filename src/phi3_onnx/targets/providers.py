@@ -35,17 +35,22 @@ class ProviderInfo:
     genai_options: dict[str, str] = field(default_factory=dict)  # genai_config provider_options
     session_threads: dict[str, int] = field(default_factory=dict)  # genai_config session_options
     probe: str | None = None  # the device count that must be > 0 (runtime.providers.Environment)
+    capture_option: str | None = None  # the genai_options key that turns graph capture on ("1") or off ("0")
 
-    def provider_options(self) -> list[dict[str, dict[str, str]]]:
-        """genai_config's `session_options.provider_options` for a package built for this EP."""
-        return [{self.name: dict(self.genai_options)}] if self.genai_options else []
+    def provider_options(self, capture: bool = True) -> list[dict[str, dict[str, str]]]:
+        """genai_config's `session_options.provider_options` for a package built for this EP; capture False:
+        the graph has an op that cannot be captured, so the capture option says "0"."""
+        options = dict(self.genai_options)
+        if not capture and self.capture_option is not None:
+            options[self.capture_option] = "0"
+        return [{self.name: options}] if options else []
 
 
 PROVIDERS: dict[str, ProviderInfo] = registry((
     ProviderInfo("cuda", "CUDAExecutionProvider", "CUDA", "phi3-onnx[cuda]", rank=0,
-                 genai_options={"enable_cuda_graph": "1"}, probe="cuda_devices"),
+                 genai_options={"enable_cuda_graph": "1"}, probe="cuda_devices", capture_option="enable_cuda_graph"),
     ProviderInfo("dml", "DmlExecutionProvider", "DirectML", "phi3-onnx[directml]", rank=1,
-                 genai_options={"enable_graph_capture": "1"}, probe="dml_adapters"),
+                 genai_options={"enable_graph_capture": "1"}, probe="dml_adapters", capture_option="enable_graph_capture"),
     ProviderInfo("cpu", "CPUExecutionProvider", "CPU", "phi3-onnx[cpu]", rank=2,
                  session_threads={"intra_op_num_threads": 0}),
 ), key=lambda p: p.name, what="provider")
