@@ -235,6 +235,61 @@ def test_sparse_attention_graph_matches_reference(small_ckpt: Path, tmp_path: Pa
     _finite_close(np.concatenate(got, 1), np.concatenate(want, 1), "SparseAttention (CPU kernel, shared KV) prefill 256 + 44 steps")
 
 
+# ----------------------------------------------------------------------------- the DirectML form: GQA's cache, plain-op attention
+
+
+def _dml_fp32(ckpt: Path, tmp_path: Path) -> Path:
+    """int4-awq-dml's graph shape (separate q/k/v, RotaryEmbedding, position_ids, sparse layers in plain ops
+    over GQA's present) with fp32 weights and activations, so it can be held to the reference's 1e-4."""
+    target = dataclasses.replace(TARGETS["int4-awq-dml"], name="fp32-dml-shape", io_dtype="float32", quant=None)
+    return export(ckpt, target, tmp_path / "dml-shape")
+
+
+def _with_positions(sess, feed: dict, start: int) -> dict:
+    if any(i.name == "position_ids" for i in sess.get_inputs()):
+        feed["position_ids"] = np.arange(start, start + feed["input_ids"].shape[1])[None]
+    return feed
+
+
+def test_dml_sparse_layers_attend_in_plain_ops(small_ckpt: Path, tmp_path: Path) -> None:
+    """ORT's DirectML GroupQueryAttention reads only query/key/value/seqlens_k (DmlOperatorGroupQueryAttention:
+    no attention_bias, no local_window_size), so a bias on it would be dropped there and the sparse layers would
+    attend densely. The DML graph feeds GQA no bias and attends over GQA's present K/V in plain ops: exact
+    against the reference at a 300-token prefill (5 sparse blocks) and token by token over a growing past."""
+    pkg = _dml_fp32(small_ckpt, tmp_path)
+    model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
+    assert _attention_ops(model) == [("GroupQueryAttention", False)] * 4
+    assert {n.output[0] for n in model.graph.node if n.op_type == "Softmax"} == {
+        f"/model/layers.{i}/attn/sparse/Softmax/output_0" for i in (0, 2)}
+    sess, ids = _session(pkg), _ids(300, 600, seed=6)
+    feed = _with_positions(sess, {"input_ids": ids, "attention_mask": np.ones_like(ids), **_empty_past(sess)}, 0)
+    _finite_close(sess.run(["logits"], feed)[0], _reference(small_ckpt, ids), "DML-shaped graph, prefill 300")
+    w, cfg, names = ref.load_weights(small_ckpt), _cfg(small_ckpt), [o.name for o in sess.get_outputs()]
+    past, cache, got, want = _empty_past(sess), None, [], []
+    for a, b in [(0, 120)] + [(t, t + 1) for t in range(120, 200)]:
+        out = sess.run(None, _with_positions(sess, {"input_ids": ids[:, a:b], "attention_mask": np.ones((1, b), np.int64), **past}, a))
+        past = {n.replace("present.", "past_key_values."): v for n, v in zip(names[1:], out[1:])}
+        with torch.no_grad():
+            logits, cache = ref.reference_forward(w, cfg, torch.from_numpy(ids[:, a:b]), cache)
+        got.append(out[0][:, -1:]), want.append(logits[:, -1:].numpy())
+    _finite_close(np.concatenate(got, 1), np.concatenate(want, 1), "DML-shaped graph, cached decode 120 -> 200")
+
+
+def test_dml_shaped_genai_greedy_equals_reference(small_ckpt: Path, tmp_path: Path) -> None:
+    """Through onnxruntime-genai (one shared max-length KV buffer: GQA's present is longer than the keys, the
+    plain-op attention slices it) on the CPU EP: the reference's greedy tokens across sparse blocks."""
+    pkg = _dml_fp32(small_ckpt, tmp_path)
+    cfg_path = pkg / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"]["session_options"]["provider_options"] = []  # run it on the CPU EP here
+    cfg_path.write_text(json.dumps(cfg))
+    prompt, new = _ids(40, 600, seed=7)[0].tolist(), 90
+    got = genai_greedy(pkg, prompt, new)
+    with torch.no_grad():
+        want = ref.reference_greedy(ref.load_weights(small_ckpt), _cfg(small_ckpt), prompt, new)
+    assert got == want
+
+
 # ----------------------------------------------------------------------------- onnxruntime-genai
 
 
@@ -368,7 +423,8 @@ def test_every_target_exports(exported, small_ckpt: Path, target: str) -> None:
     model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     assert {"LayerNormalization", "SkipLayerNormalization", "IsInf", "Clip"} <= ops
-    sparse = ("SparseAttention", True) if t.provider == "cuda" else ("GroupQueryAttention", True)  # input 10: sin cache | bias
+    # input 10: sin cache (SparseAttention) | bias (GQA on CPU); DirectML's GQA takes no bias: plain-op attention
+    sparse = {"cuda": ("SparseAttention", True), "cpu": ("GroupQueryAttention", True), "dml": ("GroupQueryAttention", False)}[t.provider]
     assert _attention_ops(model) == [sparse, ("GroupQueryAttention", False)] * 2
     assert ("MatMulNBits" in ops) == (t.quant is not None)
     assert (not t.graph.packed_qkv) == ("RotaryEmbedding" in ops)

@@ -213,6 +213,11 @@ TARGETS: dict[str, Target] = registry((
 # EPs whose Phi-3-small graphs run block-sparse layers with com.microsoft.SparseAttention, which keeps past
 # and present in one shared max-length buffer: such packages must be fed that way (IO binding; genai does)
 SPARSE_ATTENTION_PROVIDERS: tuple[str, ...] = ("cuda",)
+# EPs whose GroupQueryAttention kernel applies `attention_bias` (input 10), so Phi-3-small's block-sparse rule
+# can ride on GQA as an additive bias. Not DirectML: ORT's DmlOperatorGroupQueryAttention reads only query,
+# key, value and seqlens_k (no attention_bias, no local_window_size): its sparse layers attend in plain ops
+# over GQA's present cache (graph/phi3_small.py)
+BIASED_GQA_PROVIDERS: tuple[str, ...] = ("cpu",)
 
 
 def needs_shared_kv(spec: Any, target: Target) -> bool:
@@ -238,5 +243,5 @@ def get_target(name: str) -> Target:
         raise KeyError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}") from None
 
 
-__all__ = ["DriftLimits", "GraphOptions", "QuantRecipe", "SPARSE_ATTENTION_PROVIDERS", "TARGETS", "Target", "get_target",
+__all__ = ["BIASED_GQA_PROVIDERS", "DriftLimits", "GraphOptions", "QuantRecipe", "SPARSE_ATTENTION_PROVIDERS", "TARGETS", "Target", "get_target",
            "graph_capture_ok", "needs_shared_kv"]
