@@ -74,7 +74,8 @@ def test_no_copy_where_it_would_not_help(exported, tiny_ckpt: Path, tiny_sliding
     assert wants_window_free(mini4k, TARGETS["int4-cuda"]) and wants_window_free(mini4k, TARGETS["fp16-cuda"])
     medium = dataclasses.replace(mini4k, hidden_size=5120, num_heads=40, num_kv_heads=10)  # head 128: XQA takes windows
     assert not wants_window_free(medium, TARGETS["int4-cuda"])
-    assert not wants_window_free(mini4k, TARGETS["int4-awq-dml"])
+    # DirectML's GQA ignores the window: its model.onnx attends in plain ops, the copy is the fast graph
+    assert wants_window_free(mini4k, TARGETS["int4-awq-dml"]) and wants_window_free(medium, TARGETS["int4-awq-dml"])
 
 
 def test_the_two_graphs_agree_inside_the_window_only(fp32_dual: Path) -> None:
@@ -157,3 +158,66 @@ def test_one_shot_generators_are_sized_to_the_call(fp32_dual: Path) -> None:
     chat = model.chat()
     chat.send("hello", max_new_tokens=4)
     assert chat._decoder.max_length == 256
+
+
+# ----------------------------------------------------------------------------- DirectML: the window in plain ops
+
+
+@pytest.fixture(scope="module")
+def dml_fp32(tiny_sliding_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """int4-awq-dml's graph shape (separate q/k/v, RotaryEmbedding, position_ids) in fp32 without quantization."""
+    target = dataclasses.replace(TARGETS["int4-awq-dml"], name="fp32-dml-shape", io_dtype="float32", quant=None)
+    return export(tiny_sliding_ckpt, target, tmp_path_factory.mktemp("wf") / "dml-shape")
+
+
+def _dml_logits(path: Path, ids: np.ndarray) -> np.ndarray:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(ids.shape[1])[None], **_empty_past(sess)}
+    return sess.run(["logits"], feed)[0][0]
+
+
+def test_dml_window_is_applied_in_plain_ops(dml_fp32: Path, tiny_sliding_ckpt: Path) -> None:
+    """ORT's DirectML GroupQueryAttention reads only query/key/value/seqlens_k (DmlOperatorGroupQueryAttention),
+    so local_window_size does nothing there. The DML model.onnx attends over GQA's present K/V in plain ops with
+    the window as a mask: equal to transformers past the window (160 tokens, window 100). Its copy takes GQA's
+    own output with no window: what DirectML computes, equal inside the window only."""
+    import torch
+
+    assert read_manifest(dml_fp32).window_free_decoder == WINDOW_FREE_DECODER
+    main = onnx.load(str(dml_fp32 / "model.onnx"), load_external_data=False).graph
+    free = onnx.load(str(dml_fp32 / WINDOW_FREE_DECODER), load_external_data=False).graph
+    n_layers = sum(n.op_type == "GroupQueryAttention" for n in main.node)
+    assert sum(n.name.endswith("/attn/window/Softmax") for n in main.node) == n_layers
+    assert not [n.name for n in free.node if "/window" in n.name]
+    assert {_attrs(n)["local_window_size"] for n in free.node if n.op_type == "GroupQueryAttention"} == {-1}
+    assert {i.name for i in free.initializer} <= {i.name for i in main.initializer}
+    # what DirectML runs: the same graph with every GQA window ignored (beside model.onnx, for its weights file)
+    for node in main.node:
+        if node.op_type == "GroupQueryAttention":
+            next(a for a in node.attribute if a.name == "local_window_size").i = -1
+    as_dml = onnx.load(str(dml_fp32 / "model.onnx"), load_external_data=False)
+    as_dml.graph.CopyFrom(main)
+    onnx.save(as_dml, str(dml_fp32 / "model.as-dml.onnx"))
+    ids = _ids(160, seed=8)
+    with torch.no_grad():
+        want = _reference(tiny_sliding_ckpt)(torch.from_numpy(ids)).logits[0].numpy()
+    fast = _dml_logits(dml_fp32 / WINDOW_FREE_DECODER, ids)
+    for name in ("model.onnx", "model.as-dml.onnx"):
+        err = np.abs(_dml_logits(dml_fp32 / name, ids) - want).max() / np.ptp(want)
+        assert err < 1e-4, (name, err)
+    (dml_fp32 / "model.as-dml.onnx").unlink()
+    diff = np.abs(fast - want).max(axis=-1)
+    assert diff[:WINDOW].max() < 1e-4 * np.ptp(want) and diff[WINDOW:].min() > 1e-3
+
+
+def test_dml_runtime_greedy_across_the_window_equals_transformers(dml_fp32: Path, tiny_sliding_ckpt: Path) -> None:
+    """phi3_onnx.runtime runs the DML package's fast copy, then moves to the plain-op windowed graph (one
+    re-prefill, genai's shared KV buffer) before passing the window: transformers' greedy tokens throughout."""
+    model = load(dml_fp32, device="cpu", max_length=256)
+    assert model.window_free == WINDOW_FREE_DECODER
+    prompt = _ids(30, seed=5)[0].tolist()
+    options = model.options(max_new_tokens=150, min_new_tokens=150)
+    decoder = model.new_decoder(options, len(prompt))
+    got = list(model.token_ids(decoder, prompt, options))
+    assert decoder.windowed and decoder.rebuilds == 1
+    assert got == _torch_greedy_cached(_reference(tiny_sliding_ckpt), np.array([prompt]), 150, tuple(model.stop_token_ids))

@@ -18,6 +18,7 @@ from phi3_onnx.graph.builder import (
 )
 from phi3_onnx.graph.rope import rope_caches
 from phi3_onnx.spec import ModelSpec
+from phi3_onnx.targets.providers import PROVIDERS
 
 
 @dataclass
@@ -29,6 +30,77 @@ class AttentionInputs:
     cos: ir.Value  # [mask width, rotary_dim/2] rows for this step (LongRoPE: short or long)
     sin: ir.Value
     position_ids: ir.Value | None = None  # int64 [batch, seq]; only graphs with separate RotaryEmbedding use it
+    # EPs whose GQA ignores local_window_size (DirectML): which keys each query sees, and how many keys
+    window_visible: ir.Value | None = None  # bool [batch, 1, seq, total]
+    total_keys: ir.Value | None = None  # int64 [1]
+
+
+@dataclass
+class StepPositions:
+    """Key and query positions of this step (right-aligned: the new tokens are the mask's last columns)."""
+
+    kpos: ir.Value  # int64 [T]: 0..T-1
+    qpos: ir.Value  # int64 [S, 1]: T-S..T-1
+    total_keys: ir.Value  # int64 [1]: T
+    causal_keys: ir.Value  # bool [batch, 1, S, T]: kpos <= qpos and the mask's real keys
+
+
+def step_positions(ctx: Context, mask: ir.Value, prefix: str) -> StepPositions:
+    """mask [B, T], input_ids [B, S] ──▶ positions, and causal visibility over the mask's real keys."""
+    b = ctx.b
+    i64 = lambda name, v: b.const(f"{prefix}/{name}", np.array(v, np.int64))
+    total = b.op("Squeeze", [b.op("Shape", [mask], f"{prefix}/mask_shape", start=1, end=2)], f"{prefix}/total")
+    seq = b.op("Squeeze", [b.op("Shape", [ctx.input_ids], f"{prefix}/ids_shape", start=1, end=2)], f"{prefix}/seq")
+    kpos = b.op("Range", [i64("zero", 0), total, i64("one", 1)], f"{prefix}/kpos")
+    qpos = b.op("Range", [b.op("Sub", [total, seq], f"{prefix}/qstart"), total, i64("one_q", 1)], f"{prefix}/qpos")
+    qcol = b.op("Unsqueeze", [qpos, i64("axis_last", [1])], f"{prefix}/qpos_col")
+    causal = b.op("LessOrEqual", [kpos, qcol], f"{prefix}/causal")  # [S, T]
+    keys = b.op("Cast", [b.op("Unsqueeze", [mask, i64("axes_1_2", [1, 2])], f"{prefix}/mask_4d")], f"{prefix}/real_keys",
+                to=ir.DataType.BOOL)  # [B, 1, 1, T]
+    return StepPositions(kpos, qcol, b.op("Unsqueeze", [total, i64("axis_0", [0])], f"{prefix}/total_1d"),
+                         b.op("And", [causal, keys], f"{prefix}/causal_keys"))
+
+
+def make_window_visible(ctx: Context, mask: ir.Value, window: int) -> tuple[ir.Value, ir.Value]:
+    """A query sees the last `window` keys, itself included (transformers' sliding_window; GQA's local_window_size):
+    causal & real keys & qpos - kpos < window, bool [B, 1, S, T]; and T."""
+    b, pre = ctx.b, "/model/window"
+    pos = step_positions(ctx, mask, pre)
+    near = b.op("Less", [b.op("Sub", [pos.qpos, pos.kpos], f"{pre}/distance"), b.const(f"{pre}/size", np.array(window, np.int64))],
+                f"{pre}/near")
+    return b.op("And", [pos.causal_keys, near], f"{pre}/visible"), pos.total_keys
+
+
+def plain_attention(ctx: Context, prefix: str, q: ir.Value, present_k: ir.Value, present_v: ir.Value, visible: ir.Value,
+                    total_keys: ir.Value, scale: float) -> ir.Value:
+    """Attention in plain ops over a GQA node's present K/V, for what an EP's GQA kernel does not apply.
+
+    rotated q [B, S, N·H]; present K/V [B, kv, ≥T, H] (a shared max-length buffer holds more: sliced to T);
+    visible: bool, broadcast to [B, N, S, T]. Scores and softmax in float32:
+
+        q ─[B, kv, g·S, H]─MatMul(Kᵀ)·scale─[B, N, S, T]─Where(visible, ·, lowest)─Softmax─MatMul(V)─▶ [B, S, N·H]
+    """
+    b, s = ctx.b, ctx.spec
+    p, kv, g, h = prefix, s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
+    i64 = lambda name, v: b.const(f"{p}/{name}", np.array(v, np.int64))
+    keys = b.op("Slice", [present_k, i64("start", [0]), total_keys, i64("axis", [2])], f"{p}/keys")
+    values = b.op("Slice", [present_v, i64("start_v", [0]), total_keys, i64("axis_v", [2])], f"{p}/values")
+    q5 = b.op("Transpose", [b.op("Reshape", [q, i64("q_5d", [0, 0, kv, g, h])], f"{p}/q_5d")], f"{p}/q_groups", perm=[0, 2, 3, 1, 4])
+    qg = b.op("Reshape", [q5, i64("q_grouped", [0, 0, -1, h])], f"{p}/q_grouped")  # [B, kv, g·S, H]
+    scores = b.op("MatMul", [qg, b.op("Transpose", [keys], f"{p}/keys_t", perm=[0, 1, 3, 2])], f"{p}/scores")
+    scores = b.op("Reshape", [b.op("Cast", [scores], f"{p}/scores_fp32", to=ir.DataType.FLOAT), i64("heads", [0, s.num_heads, -1, 0])],
+                  f"{p}/scores_heads")  # [B, N, S, T]
+    scaled = b.op("Mul", [scores, b.const(f"{p}/scale", np.array(scale, np.float32))], f"{p}/scaled")
+    masked = b.op("Where", [visible, scaled, b.const(f"{p}/lowest", np.array(np.finfo(np.float32).min, np.float32))], f"{p}/masked")
+    probs = b.op("Cast", [b.op("Softmax", [masked], f"{p}/Softmax", axis=-1)], f"{p}/probs", to=ctx.dtype)
+    pg = b.op("Reshape", [probs, i64("probs_grouped", [0, kv, -1, 0])], f"{p}/probs_grouped")  # [B, kv, g·S, T]
+    ctx_g = b.op("Reshape", [b.op("MatMul", [pg, values], f"{p}/context"), i64("ctx_5d", [0, 0, g, -1, h])], f"{p}/ctx_5d")
+    out = b.op("Transpose", [ctx_g], f"{p}/ctx_tokens", perm=[0, 3, 1, 2, 4])  # [B, S, kv, g, H]
+    return b.op("Reshape", [out, i64("out", [0, 0, s.num_heads * h])], f"{p}/out")
+
+
+def gqa_applies_window(ctx: Context) -> bool:
+    return PROVIDERS[ctx.target.provider].gqa_applies_window
 
 
 def make_attention_inputs(ctx: Context, attention_mask: ir.Value, position_ids: ir.Value | None = None) -> AttentionInputs:
@@ -52,7 +124,10 @@ def make_attention_inputs(ctx: Context, attention_mask: ir.Value, position_ids: 
         cos, sin = _select_longrope_rows(ctx, seqlens, shape, cos, sin)
     if position_ids is None and not ctx.target.graph.rotary_in_attention:
         position_ids = _position_ids_from_mask(ctx, total)
-    return AttentionInputs(seqlens_k, total_len, cos, sin, position_ids)
+    out = AttentionInputs(seqlens_k, total_len, cos, sin, position_ids)
+    if ctx.spec.attention_window is not None and not gqa_applies_window(ctx):
+        out.window_visible, out.total_keys = make_window_visible(ctx, attention_mask, ctx.spec.attention_window)
+    return out
 
 
 def _position_ids_from_mask(ctx: Context, total: ir.Value) -> ir.Value:
@@ -183,6 +258,8 @@ def make_attention(ctx: Context, layer: int, x: ir.Value, past_k: ir.Value, past
     x ──qkv_proj──▶ qkv ──GQA(past, seqlens_k, total, cos, sin)──▶ attn ──o_proj──▶ out     (packed, do_rotary)
     x ──q/k/v_proj──▶ q,k,v ──RotaryEmbedding(q,k)──▶ GQA(past, seqlens_k, total)──▶ ...    (separate)
                                      └──▶ present key/value
+    An EP whose GQA ignores local_window_size (DirectML) gets the window from plain_attention over GQA's
+    present K/V instead of GQA's output (package/window_free.py writes the fast copy without it).
     """
     s, opts = ctx.spec, ctx.target.graph
     p = f"/model/layers.{layer}/attn"
@@ -205,6 +282,9 @@ def make_attention(ctx: Context, layer: int, x: ir.Value, past_k: ir.Value, past
         # a query sees the last `window` keys, itself included (transformers' sliding_window)
         local_window_size=window or -1,
     )
+    if attn.window_visible is not None:  # this EP's GQA ignores the window: GQA keeps the cache, plain ops attend
+        out = plain_attention(ctx, f"{p}/window", qkv.q, present_k, present_v, attn.window_visible, attn.total_keys,
+                              float(1.0 / np.sqrt(s.head_dim)))
     o = make_linear(ctx, f"{p}/o_proj", out, tensor_name("o_proj", layer), s.hidden_size, s.hidden_size)
     if s.attention_bias:
         o = make_bias_add(ctx, f"{p}/o_proj", o, tensor_name("o_proj", layer).replace(".weight", ".bias"), s.hidden_size)

@@ -37,6 +37,8 @@ from phi3_onnx.graph.attention import (
     AttentionInputs,
     _qkv_rows,
     make_attention_inputs,
+    plain_attention,
+    step_positions,
 )
 from phi3_onnx.graph.blocksparse import csr_layout, head_offsets
 from phi3_onnx.graph.builder import (
@@ -85,7 +87,7 @@ def make_sparse_bias(ctx: Context, mask: ir.Value) -> ir.Value:
     """The block-sparse rule over this step's positions, as GQA's additive attention_bias
     (causality inside and across blocks is GQA's own)."""
     b = ctx.b
-    visible = _sparse_rule(ctx, mask)[0]
+    visible = _sparse_rule(ctx, mask)
     lowest = np.array(np.finfo(ctx.np_dtype).min, ctx.np_dtype)
     bias = b.op("Where", [visible, _c(ctx, "zero_f", np.array(0, ctx.np_dtype)), _c(ctx, "lowest", lowest)], "/model/sparse/bias_3d")
     return b.op("Unsqueeze", [bias, _c(ctx, "axis_0", np.array([0], np.int64))], "/model/sparse/bias")
@@ -94,17 +96,13 @@ def make_sparse_bias(ctx: Context, mask: ir.Value) -> ir.Value:
 def make_sparse_visible(ctx: Context, mask: ir.Value) -> tuple[ir.Value, ir.Value]:
     """PlainAttention's visibility: the block-sparse rule & causal (kpos <= qpos) & the attention mask's real
     keys, bool [batch, heads|1, S, T]; and T as int64 [1]."""
-    b = ctx.b
-    rule, kpos, qcol, total = _sparse_rule(ctx, mask)
-    causal = b.op("LessOrEqual", [kpos, qcol], "/model/sparse/causal")  # [S, T]
-    keys = b.op("Cast", [b.op("Unsqueeze", [mask, _c(ctx, "axes_1_2", np.array([1, 2], np.int64))], "/model/sparse/mask_4d")],
-                "/model/sparse/real_keys", to=ir.DataType.BOOL)  # [B, 1, 1, T]
-    visible = b.op("And", [b.op("And", [rule, causal], "/model/sparse/rule_causal"), keys], "/model/sparse/visible_4d")
-    return visible, b.op("Unsqueeze", [total, _c(ctx, "axis_0_total", np.array([0], np.int64))], "/model/sparse/total_1d")
+    pos = step_positions(ctx, mask, "/model/sparse_plain")
+    visible = ctx.b.op("And", [_sparse_rule(ctx, mask), pos.causal_keys], "/model/sparse/visible_4d")
+    return visible, pos.total_keys
 
 
-def _sparse_rule(ctx: Context, mask: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value, ir.Value]:
-    """The block-sparse rule over this step's positions, bool [heads|1, S, T]; with kpos [T], qpos [S, 1], T.
+def _sparse_rule(ctx: Context, mask: ir.Value) -> ir.Value:
+    """The block-sparse rule over this step's positions, bool [heads|1, S, T].
 
     kpos = 0..T-1, qpos = T-S..T-1 (T: mask width, S: new tokens); kb, qb = pos // block
     visible = (qb - kb < local_blocks) | ((kb + head_offset + 1) % vert_stride == 0)
@@ -114,21 +112,16 @@ def _sparse_rule(ctx: Context, mask: ir.Value) -> tuple[ir.Value, ir.Value, ir.V
     total = b.op("Squeeze", [b.op("Shape", [mask], "/model/sparse/mask_shape", start=1, end=2)], "/model/sparse/total")
     seq = b.op("Squeeze", [b.op("Shape", [ctx.input_ids], "/model/sparse/ids_shape", start=1, end=2)], "/model/sparse/seq")
     one, block = i64("one", 1), i64("block", small.block_size)
-    kpos = b.op("Range", [i64("zero", 0), total, one], "/model/sparse/kpos")
-    kb = b.op("Div", [kpos, block], "/model/sparse/kb")
+    kb = b.op("Div", [b.op("Range", [i64("zero", 0), total, one], "/model/sparse/kpos"), block], "/model/sparse/kb")
     start = b.op("Sub", [total, seq], "/model/sparse/qstart")
-    qpos = b.op("Range", [start, total, one], "/model/sparse/qpos")
-    qb = b.op("Div", [qpos, block], "/model/sparse/qb")
+    qb = b.op("Div", [b.op("Range", [start, total, one], "/model/sparse/qpos"), block], "/model/sparse/qb")
     qb_col = b.op("Unsqueeze", [qb, i64("axis_last", [1])], "/model/sparse/qb_col")
     local = b.op("Less", [b.op("Sub", [qb_col, kb], "/model/sparse/dist"), i64("local", small.local_blocks)], "/model/sparse/local")
     offsets = _c(ctx, "head_offsets", (head_offsets(small, ctx.spec.num_heads) + 1).reshape(-1, 1, 1))
     shifted = b.op("Add", [kb, offsets], "/model/sparse/kb_shifted")  # [H|1, 1, T]
     vertical = b.op("Equal", [b.op("Mod", [shifted, i64("vert", small.vert_stride)], "/model/sparse/mod"), i64("zero_v", 0)],
                     "/model/sparse/vertical")
-    visible = b.op("Or", [local, vertical], "/model/sparse/visible")  # [H|1, S, T]
-    if sparse_op(ctx) == "GroupQueryAttention":
-        return visible, kpos, qb_col, total
-    return visible, kpos, b.op("Unsqueeze", [qpos, i64("axis_last_q", [1])], "/model/sparse/qpos_col"), total
+    return b.op("Or", [local, vertical], "/model/sparse/visible")  # [H|1, S, T]
 
 
 def make_small_attention_inputs(ctx: Context, mask: ir.Value, position_ids: ir.Value | None = None) -> SmallAttentionInputs:
@@ -198,7 +191,7 @@ def make_small_attention(ctx: Context, layer: int, x: ir.Value, past_k: ir.Value
             scale=float(small.attention_scale), do_rotary=do_rotary, rotary_interleaved=0, local_window_size=-1,
         )
         if not small.is_dense(layer) and attn.sparse_visible is not None:  # GQA only appended to the cache
-            out = _plain_sparse_attention(ctx, layer, qkv.q, pk, pv, attn)
+            out = plain_attention(ctx, f"{p}/sparse", qkv.q, pk, pv, attn.sparse_visible, attn.total_keys, float(small.attention_scale))
     o = _biased_linear(ctx, f"{p}/o_proj", out, "o_proj", layer, s.hidden_size, s.hidden_size)
     return o, pk, pv
 
@@ -214,33 +207,6 @@ def _sparse_attention(ctx: Context, layer: int, qkv: QKV, past_k: ir.Value, past
         kv_num_heads=s.num_kv_heads, scale=float(small.attention_scale), sparse_block_size=small.block_size,
         do_rotary=1, rotary_interleaved=0,
     )
-
-
-def _plain_sparse_attention(ctx: Context, layer: int, q: ir.Value, present_k: ir.Value, present_v: ir.Value,
-                            attn: SmallAttentionInputs) -> ir.Value:
-    """rotated q [B, S, N·H] over GQA's present K/V [B, kv, ≥T, H] (sliced to T: a shared max-length buffer
-    holds more), grouped per KV head, scores in float32:
-
-        q ─[B, kv, g·S, H]─MatMul(Kᵀ)·scale─[B, N, S, T]─Where(visible, ·, lowest)─Softmax─MatMul(V)─▶ [B, S, N·H]
-    """
-    b, s, small = ctx.b, ctx.spec, small_of(ctx)
-    p, kv, g, h = f"/model/layers.{layer}/attn/sparse", s.num_kv_heads, s.num_heads // s.num_kv_heads, s.head_dim
-    i64 = lambda name, v: b.const(f"{p}/{name}", np.array(v, np.int64))
-    keys = b.op("Slice", [present_k, i64("start", [0]), attn.total_keys, i64("axis", [2])], f"{p}/keys")
-    values = b.op("Slice", [present_v, i64("start_v", [0]), attn.total_keys, i64("axis_v", [2])], f"{p}/values")
-    q5 = b.op("Transpose", [b.op("Reshape", [q, i64("q_5d", [0, 0, kv, g, h])], f"{p}/q_5d")], f"{p}/q_groups", perm=[0, 2, 3, 1, 4])
-    qg = b.op("Reshape", [q5, i64("q_grouped", [0, 0, -1, h])], f"{p}/q_grouped")  # [B, kv, g·S, H]
-    scores = b.op("MatMul", [qg, b.op("Transpose", [keys], f"{p}/keys_t", perm=[0, 1, 3, 2])], f"{p}/scores")
-    scores = b.op("Reshape", [b.op("Cast", [scores], f"{p}/scores_fp32", to=ir.DataType.FLOAT), i64("heads", [0, s.num_heads, -1, 0])],
-                  f"{p}/scores_heads")  # [B, N, S, T]
-    scaled = b.op("Mul", [scores, b.const(f"{p}/scale", np.array(small.attention_scale, np.float32))], f"{p}/scaled")
-    masked = b.op("Where", [attn.sparse_visible, scaled, b.const(f"{p}/lowest", np.array(np.finfo(np.float32).min, np.float32))],
-                  f"{p}/masked")
-    probs = b.op("Cast", [b.op("Softmax", [masked], f"{p}/Softmax", axis=-1)], f"{p}/probs", to=ctx.dtype)
-    pg = b.op("Reshape", [probs, i64("probs_grouped", [0, kv, -1, 0])], f"{p}/probs_grouped")  # [B, kv, g·S, T]
-    ctx_g = b.op("Reshape", [b.op("MatMul", [pg, values], f"{p}/context"), i64("ctx_5d", [0, 0, g, -1, h])], f"{p}/ctx_5d")
-    out = b.op("Transpose", [ctx_g], f"{p}/ctx_tokens", perm=[0, 3, 1, 2, 4])  # [B, S, kv, g, H]
-    return b.op("Reshape", [out, i64("out", [0, 0, s.num_heads * h])], f"{p}/out")
 
 
 def _clamp(ctx: Context, name: str, x: ir.Value, low: float | None, high: float) -> ir.Value:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from phi3_onnx.registry import registry
-from phi3_onnx.targets.providers import ProviderName
+from phi3_onnx.targets.providers import PROVIDERS, ProviderName
 
 Provider = ProviderName  # the keys of targets.providers.PROVIDERS
 DType = Literal["float32", "float16"]
@@ -214,10 +214,9 @@ TARGETS: dict[str, Target] = registry((
 # and present in one shared max-length buffer: such packages must be fed that way (IO binding; genai does)
 SPARSE_ATTENTION_PROVIDERS: tuple[str, ...] = ("cuda",)
 # EPs whose GroupQueryAttention kernel applies `attention_bias` (input 10), so Phi-3-small's block-sparse rule
-# can ride on GQA as an additive bias. Not DirectML: ORT's DmlOperatorGroupQueryAttention reads only query,
-# key, value and seqlens_k (no attention_bias, no local_window_size): its sparse layers attend in plain ops
-# over GQA's present cache (graph/phi3_small.py)
-BIASED_GQA_PROVIDERS: tuple[str, ...] = ("cpu",)
+# can ride on GQA as an additive bias (CUDA has SparseAttention). Not DirectML (providers.py): its sparse
+# layers attend in plain ops over GQA's present cache (graph/phi3_small.py)
+BIASED_GQA_PROVIDERS: tuple[str, ...] = tuple(n for n, p in PROVIDERS.items() if p.gqa_applies_bias and n not in SPARSE_ATTENTION_PROVIDERS)
 
 
 def needs_shared_kv(spec: Any, target: Target) -> bool:
