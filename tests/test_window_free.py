@@ -12,6 +12,7 @@ n-gram speculative decoding.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -221,3 +222,23 @@ def test_dml_runtime_greedy_across_the_window_equals_transformers(dml_fp32: Path
     got = list(model.token_ids(decoder, prompt, options))
     assert decoder.windowed and decoder.rebuilds == 1
     assert got == _torch_greedy_cached(_reference(tiny_sliding_ckpt), np.array([prompt]), 150, tuple(model.stop_token_ids))
+
+
+def test_graph_capture_where_shapes_are_static(exported, tiny_ckpt: Path, tiny_sliding_ckpt: Path, dml_fp32: Path) -> None:
+    """A replayed captured graph freezes shapes; the plain-op window attention's follow the sequence length.
+    So a DML package of a sliding-window model turns capture off in genai_config (model.onnx, what plain genai
+    runs), and the runtime turns it back on for the window-free decoder, a plain GQA graph; a DML package
+    without a window and CUDA packages keep capture everywhere."""
+    from phi3_onnx.runtime.model import decoder_provider_options
+
+    def written(pkg: Path, ep: str) -> dict:
+        return json.loads((pkg / "genai_config.json").read_text())["model"]["decoder"]["session_options"]["provider_options"][0][ep]
+
+    windowed_dml = exported("int4-awq-dml", tiny_sliding_ckpt)
+    assert written(windowed_dml, "dml") == {"enable_graph_capture": "0"}
+    assert decoder_provider_options(windowed_dml, "dml", None) == {"enable_graph_capture": "0"}
+    assert decoder_provider_options(windowed_dml, "dml", WINDOW_FREE_DECODER) == {"enable_graph_capture": "1"}
+    assert written(exported("int4-awq-dml", tiny_ckpt), "dml") == {"enable_graph_capture": "1"}
+    cuda = exported("int4-cuda", tiny_sliding_ckpt)
+    assert written(cuda, "cuda") == {"enable_cuda_graph": "1"}
+    assert decoder_provider_options(cuda, "cuda", WINDOW_FREE_DECODER) == {"enable_cuda_graph": "1"}

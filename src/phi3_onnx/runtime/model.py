@@ -28,6 +28,7 @@ from phi3_onnx.runtime.package import Package
 from phi3_onnx.runtime.providers import Choice
 from phi3_onnx.runtime.structured import JsonPlan, plan_for
 from phi3_onnx.runtime.threads import resolve_threads, session_overlay
+from phi3_onnx.targets.providers import PROVIDERS
 
 Message = Mapping[str, str]
 Prompt = Union[str, Sequence[Message]]
@@ -612,7 +613,7 @@ def _load_og_model(path: Path, provider: str, max_length: int, max_batch: int | 
         config.clear_providers()
         if provider != "cpu":
             config.append_provider(provider)
-            for key, value in _provider_options(path, provider).items():
+            for key, value in decoder_provider_options(path, provider, decoder_file).items():
                 config.set_provider_option(provider, key, str(value))
         overlay: dict[str, Any] = {"search": {"max_length": max_length}}
         if decoder_file is not None:
@@ -628,6 +629,17 @@ def _load_og_model(path: Path, provider: str, max_length: int, max_batch: int | 
 def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def decoder_provider_options(path: Path, provider: str, decoder_file: str | None) -> dict[str, Any]:
+    """The package's options for `provider`; for its window-free decoder (a plain GQA graph without
+    step-dependent shapes, package.window_free) graph capture back on where the EP captures: a DirectML
+    package of a sliding-window model turns capture off for its model.onnx (plain-op window attention)."""
+    options = _provider_options(path, provider)
+    info = PROVIDERS.get(provider)
+    if decoder_file is not None and info is not None and info.capture_option in info.genai_options:
+        options[info.capture_option] = info.genai_options[info.capture_option]
+    return options
 
 
 def _provider_options(path: Path, provider: str) -> dict[str, Any]:

@@ -228,11 +228,22 @@ def needs_shared_kv(spec: Any, target: Target) -> bool:
 
 
 def graph_capture_ok(spec: Any, target: Target) -> bool:
-    """Whether genai may capture the package's decode step as a graph (CUDA graphs). Not with SparseAttention:
-    ORT 1.31's CUDA kernel synchronizes its stream inside the step (cudaStreamSynchronize in
-    sparse_attention_impl.cu), which a capture refuses ("operation not permitted when stream is capturing",
-    measured on an H200, benchmarks/results/gpu_small_check-h200.log)."""
-    return not needs_shared_kv(spec, target)
+    """Whether genai may capture the package's decode step as a graph (CUDA graphs, DML graph capture).
+
+    Not with SparseAttention: ORT 1.31's CUDA kernel synchronizes its stream inside the step
+    (cudaStreamSynchronize in sparse_attention_impl.cu), which a capture refuses ("operation not permitted
+    when stream is capturing", measured on an H200, benchmarks/results/gpu_small_check-h200.log). Not with
+    plain-op attention over GQA's cache (graph.attention.plain_attention, where an EP's GQA ignores the window
+    or the bias): its shapes follow the sequence length each step, which a replayed graph would freeze.
+    """
+    if needs_shared_kv(spec, target):
+        return False
+    provider = PROVIDERS[target.provider]
+    window_in_plain_ops = getattr(spec, "attention_window", None) is not None and not provider.gqa_applies_window
+    small = getattr(spec, "small", None)
+    sparse_in_plain_ops = (small is not None and not provider.gqa_applies_bias
+                           and not all(small.is_dense(i) for i in range(spec.num_layers)))
+    return not (window_in_plain_ops or sparse_in_plain_ops)
 
 
 def get_target(name: str) -> Target:
