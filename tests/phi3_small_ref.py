@@ -285,3 +285,36 @@ def reference_greedy(w, cfg, prompt: list[int], new: int, rebuild_past_original:
         else:
             logits, past = reference_forward(w, cfg, torch.tensor([[nxt]]), past)
     return out
+
+
+# ----------------------------------------------------------------------------- served tensors back to the checkpoint's layout
+
+
+def _interleave_qkv(cfg: dict[str, Any], w: torch.Tensor) -> torch.Tensor:
+    """[all q | all k | all v] rows -> query_key_value's [kv groups x (q_per_kv queries, k, v) x head_dim]."""
+    h, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, rest = h // nh, w.shape[1:]
+    kv = nkv * hd
+    q, k, v = w[:h].reshape(nkv, nh // nkv, hd, *rest), w[h:h + kv].reshape(nkv, 1, hd, *rest), w[h + kv:].reshape(nkv, 1, hd, *rest)
+    return torch.cat([q, k, v], 1).reshape(-1, *rest)
+
+
+def _interleave_gegelu(cfg: dict[str, Any], w: torch.Tensor) -> torch.Tensor:
+    """[gelu rows | linear rows] -> up_proj's alternating (gelu, linear) rows."""
+    gelu, linear = w.chunk(2)
+    return torch.stack([gelu, linear], 1).reshape(-1, *w.shape[1:])
+
+
+def own_layout(folder: Path, source) -> dict[str, torch.Tensor]:
+    """What a weight source (the exporter's Phi3SmallCheckpoint view, AWQ's weights) serves under Phi-3's names,
+    back under Phi-3-small's own names and row layout, for reference_forward."""
+    from phi3_onnx.checkpoint import spec_from_folder
+    from phi3_onnx.checkpoint.phi3_small import small_names
+
+    cfg = json.loads((folder / "config.json").read_text())
+    fix = {"qkv_proj": _interleave_qkv, "gate_up_proj": _interleave_gegelu}
+    out = {}
+    for served, (own, role, _) in small_names(spec_from_folder(folder)).items():
+        w = torch.from_numpy(source.read(served).copy()).float()
+        out[own] = fix[role](cfg, w) if role in fix else w
+    return out

@@ -26,7 +26,7 @@ from phi3_onnx.checkpoint import tiktoken as tk
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import read_manifest
 from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
-from phi3_onnx.targets import TARGETS
+from phi3_onnx.targets import FLAGSHIP_BLOCK, TARGETS
 from helpers import genai_greedy
 
 REL_TOL = 1e-4  # max |diff| / logit range, as tests/test_export.py
@@ -185,13 +185,13 @@ def test_fp32_longrope_past_the_original_context(exported, small_longrope_ckpt: 
     _cached_decode(pkg, small_longrope_ckpt, ids[:, :170], prefix=100)  # crosses 128 token by token
 
 
-def _dequantized(ckpt: Path, block: int, dtype: str = "float32") -> dict[str, torch.Tensor]:
-    """The checkpoint with every matrix (the tied table included) replaced by its int4 round trip; an fp16
-    package (dtype float16) quantizes the fp16-cast matrices with fp16 scales, and so does this."""
+def _dequantized(weights: dict[str, torch.Tensor], block: int, dtype: str = "float32") -> dict[str, torch.Tensor]:
+    """The weights (the checkpoint's, or AWQ's) with every matrix (the tied table included) replaced by its int4
+    round trip; an fp16 package (dtype float16) quantizes the fp16-cast matrices with fp16 scales, and so does this."""
     def trip(v: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(dequantize_int4(quantize_int4(v.numpy().astype(dtype), block, dtype=dtype), *v.shape, block)).float()
 
-    return {k: trip(v) if v.dim() == 2 else v for k, v in ref.load_weights(ckpt).items()}
+    return {k: trip(v) if v.dim() == 2 else v for k, v in weights.items()}
 
 
 def test_int4_matches_reference_on_dequantized_weights(exported, small_ckpt: Path) -> None:
@@ -199,7 +199,7 @@ def test_int4_matches_reference_on_dequantized_weights(exported, small_ckpt: Pat
     every matrix (the tied table included); q/k/v and gegelu rows are permuted whole, blocks run along K."""
     pkg = exported("int4-cpu", small_ckpt, accuracy_level=0)
     block = TARGETS["int4-cpu"].quant.block_size
-    w = _dequantized(small_ckpt, block)
+    w = _dequantized(ref.load_weights(small_ckpt), block)
     ids = _ids(300, 600, seed=3)
     _finite_close(_prefill(pkg, ids), _reference(small_ckpt, ids, w), "int4-cpu vs dequantized reference")
 
@@ -415,10 +415,20 @@ def _attention_ops(model: onnx.ModelProto) -> list[tuple[str, bool]]:
     return [(n.op_type, len(n.input) > 10 and n.input[10] != "") for n in model.graph.node if "Attention" in n.op_type]
 
 
+@pytest.fixture(scope="module")
+def small_awq_weights(small_ckpt: Path) -> dict[str, torch.Tensor]:
+    """AWQ's weights (scaled, clipped, GPTQ-rounded; quantize/awq_small.py) as the AWQ targets' exports compute
+    them (the same defaults; calibration is deterministic), in the checkpoint's own layout for the reference."""
+    from phi3_onnx.quantize.awq_small import awq_small_weights
+
+    return ref.own_layout(small_ckpt, awq_small_weights(small_ckpt, spec_from_folder(small_ckpt), TARGETS["int4-awq-cpu"].quant))
+
+
 @pytest.mark.parametrize("target", sorted(TARGETS))
-def test_every_target_exports(exported, small_ckpt: Path, target: str) -> None:
+def test_every_target_exports(exported, small_ckpt: Path, target: str, request) -> None:
     """Each target exports (the staged package loads in genai), with the attention op its EP gets on sparse
-    layers, biases, LayerNorm and the gegelu clamp; CPU/DML graphs run a step on the CPU EP."""
+    layers, biases, LayerNorm and the gegelu clamp; CPU/DML graphs run a step on the CPU EP. The AWQ targets
+    run AWQ (quantize/awq_small.py) at the flagship block 128."""
     t = TARGETS[target]
     pkg = exported(target, small_ckpt)
     model = onnx.load(str(pkg / "model.onnx"), load_external_data=False)
@@ -430,9 +440,11 @@ def test_every_target_exports(exported, small_ckpt: Path, target: str) -> None:
     assert ("MatMulNBits" in ops) == (t.quant is not None)
     assert (not t.graph.packed_qkv) == ("RotaryEmbedding" in ops)
     recipe = read_manifest(pkg).recipe["quantization"]
-    if t.quant is not None and t.quant.method == "awq":
-        assert recipe["method"] == "rtn" and recipe["requested_method"] == "awq" and "Phi-3-small" in recipe["fallback"]
-        assert read_manifest(pkg).target.quant.block_size == TARGETS["int4-cpu"].quant.block_size  # RTN's, not 128
+    awq = t.quant is not None and t.quant.method == "awq"
+    if awq:
+        assert (recipe["method"], recipe["rounding"], recipe["block_size"]) == ("awq", "gptq", FLAGSHIP_BLOCK)
+        assert recipe["calibration"]["samples"] == 8 and not {"fallback", "requested_method"} & set(recipe)
+        assert read_manifest(pkg).target.quant.block_size == FLAGSHIP_BLOCK
     sess = _session(pkg)
     dtype = np.float16 if t.io_dtype == "float16" else np.float32
     feed = {"input_ids": _ids(40, 600), "attention_mask": np.ones((1, 40), np.int64),
@@ -443,8 +455,9 @@ def test_every_target_exports(exported, small_ckpt: Path, target: str) -> None:
         logits = _shared_kv_prefill(sess, feed, 40, dtype)
     else:
         logits = sess.run(["logits"], feed)[0].astype(np.float32)
-    block = read_manifest(pkg).target.quant.block_size if t.quant else None  # an AWQ target's RTN fallback: 32
-    weights = _dequantized(small_ckpt, block, t.io_dtype) if t.quant else None
+    block = read_manifest(pkg).target.quant.block_size if t.quant else None
+    source = request.getfixturevalue("small_awq_weights") if awq else ref.load_weights(small_ckpt)
+    weights = _dequantized(source, block, t.io_dtype) if t.quant else None
     want = _reference(small_ckpt, feed["input_ids"], weights)
     # int4 targets against the reference on their own dequantized weights (fp16 targets: the fp16 round
     # trip); what is left is the int8 activations of accuracy level 4 (CPU: 1.1e-2 of the range here) or fp16

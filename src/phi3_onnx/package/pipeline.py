@@ -32,7 +32,7 @@ from phi3_onnx.package.verify import available_memory, check_loadable
 from phi3_onnx.package.window_free import WINDOW_FREE_DECODER, wants_window_free, write_window_free
 from phi3_onnx.progress import task
 from phi3_onnx.safety import pause_point, pause_requested
-from phi3_onnx.quantize import RTN_FALLBACK_BLOCK, QuantizeInput, Quantized, awq_runs_on, get_quantizer
+from phi3_onnx.quantize import QuantizeInput, Quantized, get_quantizer
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import Target, get_target
 from phi3_onnx.version import __version__
@@ -85,14 +85,6 @@ def resolve_target(target: str | Target, options: ExportOptions) -> Target:
         raise Phi3OnnxError(str(exc.args[0])) from None
 
 
-def _fallback_block(target: Target, spec: ModelSpec, options: ExportOptions) -> Target:
-    """An AWQ target on an architecture AWQ cannot calibrate (Phi-3-small) quantizes with RTN:
-    at the RTN targets' block size unless --block-size says otherwise (RTN at block 128 is less accurate)."""
-    if target.quant is None or target.quant.method != "awq" or awq_runs_on(spec) or options.block_size is not None:
-        return target
-    return target.with_overrides(block_size=RTN_FALLBACK_BLOCK)
-
-
 def _with_context(spec: ModelSpec, tokens: int | None) -> ModelSpec:
     try:
         return spec if tokens is None else spec.with_context(tokens)
@@ -121,9 +113,10 @@ def _peak_ram(spec: ModelSpec, largest_tensor: int, target: Target) -> int:
 
 
 def _awq_ram(spec: ModelSpec, target: Target) -> int:
-    """AWQ's extra: one layer's float32 weights (three copies) and the calibration hidden states."""
-    if target.quant is None or target.quant.method != "awq" or not awq_runs_on(spec):
-        return 0  # Phi-3-small: RTN fallback, no calibration
+    """AWQ's extra: one layer's float32 weights (three copies) and the calibration hidden states (Phi-3-small:
+    the same roles and shapes; its biases, LayerNorm betas and [heads, 256, 256] attention masks add little)."""
+    if target.quant is None or target.quant.method != "awq":
+        return 0
     if spec.moe is not None:
         return _awq_moe_ram(spec)
     layer = sum(t.shape(spec)[0] * (t.shape(spec)[1] if len(t.shape(spec)) > 1 else 1)
@@ -168,7 +161,6 @@ def plan_export(model: str, target: str | Target, output: str | os.PathLike,
     tgt = resolve_target(target, options)
     source = resolve_model(model)
     spec = _with_context(spec_from_folder(source), options.context_length)
-    tgt = _fallback_block(tgt, spec, options)
     _check_tokenizer(source, spec, options)
     ckpt = open_checkpoint(source, spec)
     check_tensors(ckpt, spec)
@@ -283,7 +275,7 @@ def quantize(plan: ExportPlan, ckpt: SafetensorsCheckpoint, progress: bool) -> Q
     quant = plan.target.quant
     if quant is None:
         return Quantized(ckpt, {})
-    job = QuantizeInput(plan.source, ckpt, plan.spec, quant, plan.options.calibration, progress)
+    job = QuantizeInput(plan.source, ckpt, plan.spec, quant, plan.options.calibration, progress, plan.options.tiktoken)
     return get_quantizer(quant.method).prepare(job)
 
 

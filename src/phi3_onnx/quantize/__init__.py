@@ -7,6 +7,7 @@ what it actually ran, which the package stage writes into the manifest's `recipe
     rtn.py         round-to-nearest int4, packed by ORT's own kernel (every method's packer)
     awq.py         activation-aware scales + per-block clip/refit + GPTQ rounding (PyTorch; the `[awq]` extra)
     awq_moe.py     the same for Phi-3.5-MoE: LayerNorm + biases, the router's shared scale, per-expert statistics
+    awq_small.py   the same for Phi-3-small: LayerNorm + biases, block-sparse attention, gegelu (down_proj unscaled)
     awq_search.py  the searches AWQ runs
     torch_phi3.py  a Phi-3 decoder layer in PyTorch, for calibration
 """
@@ -53,6 +54,7 @@ class QuantizeInput:
     recipe: QuantRecipe
     calibration: CalibrationOptions
     progress: bool = False
+    tiktoken: str | None = None  # Phi-3-small: the --tiktoken ranks file (None: the checkpoint's, else tiktoken's cache)
 
 
 @dataclass(frozen=True)
@@ -114,48 +116,45 @@ class AwqQuantizer:
     needs: str | None = "awq"
 
     def prepare(self, job: QuantizeInput) -> Quantized:
-        if job.spec.small is not None:
-            return _rtn_fallback(job, "AWQ's calibration layer is Phi-3's (RMSNorm, SiLU); Phi-3-small's (LayerNorm, "
-                                      "gegelu, block-sparse attention) is not implemented: int4 RTN instead")
         try:
             from phi3_onnx.quantize import awq
         except ModuleNotFoundError as exc:
             if exc.name not in ("torch", "tokenizers"):
                 raise
             raise Phi3OnnxError("AWQ calibration needs PyTorch: pip install 'phi3-onnx[awq]'") from None
-        cal = job.calibration
-        record = _base_record(job.recipe) | {"calibration": calibration_record(cal),
+        record = _base_record(job.recipe) | {"calibration": calibration_record(job.calibration),
                                              "rounding": "gptq" if awq.AwqSettings().grid.gptq else "nearest"}
-        if job.spec.moe is not None:
-            record["moe"] = ("one input scale shared by the router (float32, exact) and every expert's w1/w3; per-expert "
-                             "w2 scales folded into w3's rows; per-expert statistics from the tokens sparsemixer routes "
-                             "to each expert; clip/refit and rounding per expert matrix")
-        if job.spec.moe is not None:  # Phi-3.5-MoE: its own layer, router and experts
-            from phi3_onnx.quantize.awq_moe import awq_moe_weights as make_weights
-        else:
-            make_weights = awq.awq_weights
-        weights = make_weights(job.folder, job.spec, job.recipe, cal.file, cal.sample_count, progress=job.progress)
-        return Quantized(weights, record)
+        weights, note = _awq_for_architecture(job)
+        return Quantized(weights, record | note)
 
     def packer(self) -> Int4Packer:
         return quantize_int4
 
 
-def awq_runs_on(spec: ModelSpec) -> bool:
-    """Whether AWQ calibrates this architecture (Phi-3's dense layers, Phi-3.5-MoE's attention and experts);
-    elsewhere (Phi-3-small) AWQ targets fall back to RTN."""
-    return spec.small is None
+MOE_NOTE = ("one input scale shared by the router (float32, exact) and every expert's w1/w3; per-expert w2 scales folded "
+            "into w3's rows; per-expert statistics from the tokens sparsemixer routes to each expert; clip/refit and "
+            "rounding per expert matrix")
+SMALL_NOTE = ("input scales folded into both LayerNorms' weight and bias (qkv_proj, gate_up_proj) and into the v rows and "
+              "v bias (o_proj, tied across the query heads of a KV head); down_proj unscaled (gegelu's clamp and +1 make "
+              "the fold inexact); the tied embedding table rounded to nearest; statistics through the block-sparse "
+              "attention; clip/refit and rounding per matrix")
 
 
-# Block size of an AWQ target's RTN fallback: the RTN targets' (int4-cpu / int4-cuda), since RTN at the
-# flagship's block 128 is less accurate than int4-cpu (benchmarks/RESULTS.md, the frontier table).
-RTN_FALLBACK_BLOCK = 32
+def _awq_for_architecture(job: QuantizeInput) -> tuple[WeightSource, dict[str, Any]]:
+    """The AWQ implementation of the job's architecture, run: its weight source and what the record adds."""
+    cal, spec = job.calibration, job.spec
+    if spec.moe is not None:  # Phi-3.5-MoE: its own layer, router and experts
+        from phi3_onnx.quantize.awq_moe import awq_moe_weights
 
+        return awq_moe_weights(job.folder, spec, job.recipe, cal.file, cal.sample_count, progress=job.progress), {"moe": MOE_NOTE}
+    if spec.small is not None:  # Phi-3-small: LayerNorm + biases, block-sparse attention, gegelu, tiktoken
+        from phi3_onnx.quantize.awq_small import awq_small_weights
 
-def _rtn_fallback(job: QuantizeInput, why: str) -> Quantized:
-    """RTN weights where the requested method cannot run, recorded as such in the manifest's recipe."""
-    record = _base_record(job.recipe) | {"method": "rtn", "requested_method": job.recipe.method, "fallback": why}
-    return Quantized(job.checkpoint, record)
+        return awq_small_weights(job.folder, spec, job.recipe, cal.file, cal.sample_count, tiktoken=job.tiktoken,
+                                 progress=job.progress), {"small": SMALL_NOTE}
+    from phi3_onnx.quantize.awq import awq_weights
+
+    return awq_weights(job.folder, spec, job.recipe, cal.file, cal.sample_count, progress=job.progress), {}
 
 
 QUANTIZERS: dict[str, Quantizer] = registry((RtnQuantizer(), AwqQuantizer()), key=lambda q: q.method, what="quantizer")

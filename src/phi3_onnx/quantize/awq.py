@@ -37,7 +37,7 @@ query heads sharing a KV head (geometric mean), which keeps the fold exact for a
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
@@ -101,12 +101,17 @@ def calibration_text(path: str | Path | None) -> str:
 
 
 def calibration_ids(folder: Path, text: str, settings: AwqSettings) -> torch.Tensor:
-    """`samples` windows of `seq_len` tokens, spread evenly over the tokenized text: [samples, seq_len]."""
+    """`samples` windows of `seq_len` tokens, spread evenly over the text tokenized by the checkpoint's
+    tokenizer.json: [samples, seq_len]."""
     from tokenizers import Tokenizer
 
     if not (folder / "tokenizer.json").is_file():
         raise Phi3OnnxError(f"AWQ needs the checkpoint's tokenizer.json to tokenize calibration text ({folder})")
-    ids = Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
+    return calibration_windows(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids, settings)
+
+
+def calibration_windows(ids: list[int], settings: AwqSettings) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens, spread evenly over the tokenized text `ids`: [samples, seq_len]."""
     n = min(settings.samples, len(ids) // settings.seq_len)
     if n < 1:
         raise Phi3OnnxError(f"calibration text has {len(ids)} tokens; AWQ needs at least {settings.seq_len}")
@@ -127,6 +132,12 @@ class LinearStats:
     tokens: int = 0
     full_gram: torch.Tensor | None = None  # X^T X [K, K], for GPTQ's rounding only
 
+    @classmethod
+    def empty(cls, like: torch.Tensor, block: int, gptq: bool) -> LinearStats:
+        """No tokens yet, for a linear whose inputs look like `like` [tokens, in_features]."""
+        k = like.shape[1]
+        return cls(like.new_zeros(k), like.new_zeros(-(-k // block), block, block), full_gram=like.new_zeros(k, k) if gptq else None)
+
     def add(self, x: torch.Tensor, block: int, stride: int) -> None:
         self.abs_sum += x.abs().sum(0)
         self.gram += block_gram(x, block)
@@ -143,20 +154,27 @@ class LinearStats:
         return torch.cat(self.sample)
 
 
-def run_layer(spec: ModelSpec, w: tp.LayerWeights, x: torch.Tensor, rope: tp.Rotary, block: int, settings: AwqSettings) -> tuple[torch.Tensor, dict[str, LinearStats]]:
-    """The layer's outputs for all calibration sequences, and the statistics of each linear's input."""
+LayerForward = Callable[[torch.Tensor, tp.Observer], torch.Tensor]  # (hidden states [batch, seq, hidden], observer) -> outputs
+
+
+def collect_stats(forward: LayerForward, x: torch.Tensor, block: int, settings: AwqSettings) -> tuple[torch.Tensor, dict[str, LinearStats]]:
+    """A layer's outputs for all calibration sequences x (`settings.batch` at a time), and the statistics of
+    each linear's input, which `forward` hands to its observer."""
     stats: dict[str, LinearStats] = {}
     stride = max(1, x.shape[0] * x.shape[1] // settings.search_tokens)
 
     def observe(name: str, inp: torch.Tensor) -> None:
         if name not in stats:
-            k = inp.shape[1]
-            stats[name] = LinearStats(inp.new_zeros(k), inp.new_zeros(-(-k // block), block, block),
-                                      full_gram=inp.new_zeros(k, k) if settings.grid.gptq else None)
+            stats[name] = LinearStats.empty(inp, block, settings.grid.gptq)
         stats[name].add(inp, block, stride)
 
-    outs = [tp.layer_forward(spec, w, x[i:i + settings.batch], rope, observe) for i in range(0, x.shape[0], settings.batch)]
+    outs = [forward(x[i:i + settings.batch], observe) for i in range(0, x.shape[0], settings.batch)]
     return torch.cat(outs), stats
+
+
+def run_layer(spec: ModelSpec, w: tp.LayerWeights, x: torch.Tensor, rope: tp.Rotary, block: int, settings: AwqSettings) -> tuple[torch.Tensor, dict[str, LinearStats]]:
+    """The Phi-3 layer's outputs for all calibration sequences, and the statistics of each linear's input."""
+    return collect_stats(lambda xb, observe: tp.layer_forward(spec, w, xb, rope, observe), x, block, settings)
 
 
 # ----------------------------------------------------------------------------- folding
@@ -245,50 +263,83 @@ def qkv_rows(spec: ModelSpec, kv_heads: torch.Tensor) -> tuple[torch.Tensor, lis
     return torch.cat([q, k, k + spec.kv_dim]), [len(q), len(k), len(k)]
 
 
+# (q, k, v of some KV heads [batch, seq, ...], those KV heads) -> their attention output [batch, seq, ...]
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
 def search_qkv_scale(spec: ModelSpec, w: tp.LayerWeights, x_mean: torch.Tensor, x: torch.Tensor, rope: tp.Rotary,
                      block: int, settings: AwqSettings) -> torch.Tensor:
-    """qkv_proj's input scale, judged by the attention output (before o_proj) of a few KV heads.
+    """qkv_proj's input scale, judged by the attention output (before o_proj) of a few KV heads
+    (`search_attention_scale`) on the RMS-normed layer inputs.
 
     Why: what an error in q or k costs depends on the keys or queries it meets inside the softmax,
     not on its own size, and v errors are averaged over positions; the plain linear error weighs
     every qkv row alike (AutoAWQ also searches qkv on the attention output). Tiny test model,
     block 128, with the gated product below: held-out KL 0.60x/0.63x -> 0.59x/0.59x RTN's on the
     two calibration halves, perplexity to below RTN's on both.
-    Cost like the linear search: about `search_rows` attention output channels (whole KV heads,
-    evenly spaced, with their query heads), on `search_tokens` tokens of whole sequences.
     """
+    h = tp.rms_norm(x[search_sequences(x, settings)], w.input_layernorm, spec.rms_norm_eps)
+    return search_attention_scale(spec, w.qkv_proj, None, h, x_mean, block, settings,
+                                  lambda q, k, v, kv_heads: tp.attend(spec, q, k, v, rope))
+
+
+def search_sequences(x: torch.Tensor, settings: AwqSettings) -> torch.Tensor:
+    """The whole sequences of x [batch, seq, ...] (evenly spaced) that hold about `search_tokens` tokens."""
+    return evenly_spaced(x.shape[0], -(-settings.search_tokens // x.shape[1]), x.device)
+
+
+def search_attention_scale(spec: ModelSpec, weight: torch.Tensor, bias: torch.Tensor | None, h: torch.Tensor, x_mean: torch.Tensor,
+                           block: int, settings: AwqSettings, attend: Attend) -> torch.Tensor:
+    """qkv_proj's (weight [qkv_dim, hidden], bias or None) input scale with the least error in the attention
+    output of about `search_rows` output channels (whole KV heads, evenly spaced, with their query heads),
+    on the sequences h [n, seq, hidden] (qkv_proj's inputs). x_mean: mean |input| over all calibration tokens.
+    Cost like the linear search (`search_scale`): `search_rows` rows on about `search_tokens` tokens."""
     group = spec.num_heads // spec.num_kv_heads
     n_kv = min(spec.num_kv_heads, max(1, round(settings.grid.search_rows / (group * spec.head_dim))))
-    rows, sizes = qkv_rows(spec, evenly_spaced(spec.num_kv_heads, n_kv))
-    n_seq = -(-settings.search_tokens // x.shape[1])
-    h = tp.rms_norm(x[evenly_spaced(x.shape[0], n_seq, x.device)], w.input_layernorm, spec.rms_norm_eps)
+    kv_heads = evenly_spaced(spec.num_kv_heads, n_kv)
+    rows, sizes = qkv_rows(spec, kv_heads)
+    rows = rows.to(h.device)
+    b = None if bias is None else bias[rows]
 
-    def attention_output(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return tp.attend(spec, *(inp @ weight.T).split(sizes, -1), rope)
+    def attention_output(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = inp @ w.T
+        return attend(*(y if b is None else y + b).split(sizes, -1), kv_heads)
 
-    candidates = scale_candidates(x_mean, normalized_weight_mean(w.qkv_proj, block), settings.grid.scale_points, lambda s: s)
-    return best_scale(w.qkv_proj[rows.to(x.device)], h, candidates, block, attention_output)
+    candidates = scale_candidates(x_mean, normalized_weight_mean(weight, block), settings.grid.scale_points, lambda s: s)
+    return best_scale(weight[rows], h, candidates, block, attention_output)
+
+
+Gated = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (gate half, up half of gate_up_proj's output) -> down_proj's input
 
 
 def search_gate_up_scale(spec: ModelSpec, w: tp.LayerWeights, stats: LinearStats, block: int, grid: SearchGrid) -> torch.Tensor:
-    """gate_up_proj's input scale, judged by the gated product silu(gate) * up, each channel j weighted
-    by ||down_proj[:, j]||, on `search_rows` channels (evenly spaced; each a gate row and its up row).
+    """gate_up_proj's input scale, judged by the gated product silu(gate) * up (`search_gated_scale`).
 
     Why: gate and up errors reach the residual only through silu(gate) * up and down_proj; a gate
     error matters where up is large and silu is steep, and channels that down_proj reads weakly
     matter less. The weight is the diagonal of down_proj's Gram, so the error approximates the
     MLP output's. The plain linear error weighs the 2 * intermediate rows alike.
     """
-    i = spec.intermediate_size
-    ch = evenly_spaced(i, grid.search_rows, w.gate_up_proj.device)
-    down_norm = w.down_proj[:, ch].norm(dim=0)
+    return search_gated_scale(w.gate_up_proj, None, w.down_proj, stats, block, grid, lambda gate, up: F.silu(gate) * up)
 
-    def gated_output(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        gate, up = (inp @ weight.T).chunk(2, -1)
-        return F.silu(gate) * up * down_norm
 
-    candidates = scale_candidates(stats.x_mean, normalized_weight_mean(w.gate_up_proj, block), grid.scale_points, lambda s: s)
-    return best_scale(w.gate_up_proj[torch.cat([ch, ch + i])], stats.x_sample(), candidates, block, gated_output)
+def search_gated_scale(gate_up: torch.Tensor, bias: torch.Tensor | None, down: torch.Tensor, stats: LinearStats, block: int,
+                       grid: SearchGrid, gated: Gated) -> torch.Tensor:
+    """A fused gate/up linear's (weight [2 * intermediate, hidden] = [gate rows | up rows], bias or None) input
+    scale with the least error in gated(gate, up), each channel j weighted by ||down[:, j]||, on `search_rows`
+    channels (evenly spaced; each a gate row and its up row)."""
+    i = gate_up.shape[0] // 2
+    ch = evenly_spaced(i, grid.search_rows, gate_up.device)
+    rows = torch.cat([ch, ch + i])
+    down_norm = down[:, ch].norm(dim=0)
+    b = None if bias is None else bias[rows]
+
+    def gated_output(inp: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        y = inp @ w.T
+        return gated(*(y if b is None else y + b).chunk(2, -1)) * down_norm
+
+    candidates = scale_candidates(stats.x_mean, normalized_weight_mean(gate_up, block), grid.scale_points, lambda s: s)
+    return best_scale(gate_up[rows], stats.x_sample(), candidates, block, gated_output)
 
 
 def _input_scale(s: LayerScales, name: str) -> torch.Tensor:
@@ -303,16 +354,19 @@ def scaled_gram(stats: LinearStats, s: torch.Tensor, block: int) -> torch.Tensor
 
 def search_layer_blocks(spec: ModelSpec, w: tp.LayerWeights, stats: dict[str, LinearStats], s: LayerScales, block: int, grid: SearchGrid) -> dict[str, BlockChoice]:
     """Per-block clip and refit for the folded weights (row scales of the next linear included)."""
-    out = {}
-    for name in tp.LINEARS:
-        folded = fold(spec, name, getattr(w, name), s)
-        choice = search_blocks(folded, scaled_gram(stats[name], _input_scale(s, name), block), block, grid)
-        if grid.gptq:
-            inv = 1.0 / _input_scale(s, name)
-            gram = stats[name].full_gram * inv[:, None] * inv[None, :]
-            choice = BlockChoice(choice.clip, choice.alpha, gptq_codes(folded, gram, choice, block, grid))
-        out[name] = BlockChoice(choice.clip.cpu(), choice.alpha.cpu(), None if choice.codes is None else choice.codes.cpu())
-    return out
+    return {name: choose_blocks(fold(spec, name, getattr(w, name), s), stats[name], _input_scale(s, name), block, grid)
+            for name in tp.LINEARS}
+
+
+def choose_blocks(folded: torch.Tensor, stats: LinearStats, s: torch.Tensor, block: int, grid: SearchGrid) -> BlockChoice:
+    """Per-block clip + refit (and GPTQ's codes) for a folded weight [N, K] whose input, as `stats` saw it
+    before folding, the fold divides by s [K]; on the CPU."""
+    choice = search_blocks(folded, scaled_gram(stats, s, block), block, grid)
+    if grid.gptq:
+        inv = 1.0 / s
+        gram = stats.full_gram * inv[:, None] * inv[None, :]
+        choice = BlockChoice(choice.clip, choice.alpha, gptq_codes(folded, gram, choice, block, grid))
+    return BlockChoice(choice.clip.cpu(), choice.alpha.cpu(), None if choice.codes is None else choice.codes.cpu())
 
 
 def calibrate_layer(spec: ModelSpec, ckpt: SafetensorsCheckpoint, layer: int, x: torch.Tensor, rope: tp.Rotary,
@@ -383,7 +437,7 @@ class AwqWeights:
 
     def without_clipping(self) -> AwqWeights:
         """The scaled weights only: the float model is exactly the original one (tests check this)."""
-        return AwqWeights(self.ckpt, self.spec, self.result, self.block, self.grid, clip=False)
+        return type(self)(self.ckpt, self.spec, self.result, self.block, self.grid, clip=False)
 
 
 # ----------------------------------------------------------------------------- entry point

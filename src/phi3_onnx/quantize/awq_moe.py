@@ -36,8 +36,9 @@ from phi3_onnx.checkpoint.reader import SafetensorsCheckpoint
 from phi3_onnx.progress import task
 from phi3_onnx.quantize import torch_phi3 as tp
 from phi3_onnx.quantize.awq import (DEFAULT_SAMPLES, AwqSettings, _cpu_threads, _device, calibration_ids,
-                                    calibration_text, qkv_rows, run_settings, tie_heads, v_row_scale)
-from phi3_onnx.quantize.awq_search import (BlockChoice, SearchGrid, apply_blocks, best_scale, block_gram, evenly_spaced,
+                                    calibration_text, run_settings, search_attention_scale, search_sequences, tie_heads,
+                                    v_row_scale)
+from phi3_onnx.quantize.awq_search import (BlockChoice, SearchGrid, apply_blocks, block_gram, evenly_spaced,
                                            fake_int4, gptq_codes, normalized_weight_mean, scale_candidates,
                                            search_blocks, search_scale)
 from phi3_onnx.spec import ModelSpec
@@ -180,20 +181,9 @@ def _sample(x: torch.Tensor, n: int) -> torch.Tensor:
 def search_qkv_scale(spec: ModelSpec, w: AttentionWeights, h: torch.Tensor, rope: tp.Rotary, block: int,
                      settings: AwqSettings) -> torch.Tensor:
     """awq.search_qkv_scale with the q/k/v biases: judged by the attention output of a few KV heads."""
-    group = spec.num_heads // spec.num_kv_heads
-    n_kv = min(spec.num_kv_heads, max(1, round(settings.grid.search_rows / (group * spec.head_dim))))
-    rows, sizes = qkv_rows(spec, evenly_spaced(spec.num_kv_heads, n_kv))
-    rows = rows.to(h.device)
-    n_seq = -(-settings.search_tokens // h.shape[1])
-    hs = h[evenly_spaced(h.shape[0], n_seq, h.device)]
-    bias = w.qkv_b[rows]
-
-    def attention_output(inp: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return tp.attend(spec, *(inp @ weight.T + bias).split(sizes, -1), rope)
-
     x_mean = h.reshape(-1, h.shape[-1]).abs().mean(0)
-    candidates = scale_candidates(x_mean, normalized_weight_mean(w.qkv, block), settings.grid.scale_points, lambda s: s)
-    return best_scale(w.qkv[rows], hs, candidates, block, attention_output)
+    return search_attention_scale(spec, w.qkv, w.qkv_b, h[search_sequences(h, settings)], x_mean, block, settings,
+                                  lambda q, k, v, kv_heads: tp.attend(spec, q, k, v, rope))
 
 
 def search_moe_scale(moe_in: torch.Tensor, routed: list[torch.Tensor], experts: list[tuple[torch.Tensor, ...]],

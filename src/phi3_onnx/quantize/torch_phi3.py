@@ -80,19 +80,22 @@ def _causal_mask(spec: ModelSpec, seq_len: int, device: torch.device) -> torch.T
     return (dist >= 0) & (dist < window)
 
 
-def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rotary) -> torch.Tensor:
+def attend(spec: ModelSpec, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: Rotary, scale: float | None = None,
+           visible: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q [batch, seq, q_heads * head_dim] over k, v [batch, seq, kv_heads * head_dim].
 
     Any whole number of query heads per KV head (GQA): AWQ's scale search calls it on a subset of
-    KV heads with their query heads. Returns [batch, seq, q_heads * head_dim].
+    KV heads with their query heads. Returns [batch, seq, q_heads * head_dim]. Phi-3-small passes its
+    softmax scale (None: 1/sqrt(head_dim)) and which keys each query sees, bool [q_heads or 1, seq, seq]
+    with causality included (None: causal, within the sliding window).
     """
     b, n, _ = q.shape
     hd = spec.head_dim
     q = _rotate(q.view(b, n, -1, hd).transpose(1, 2), rope)
     k = _rotate(k.view(b, n, -1, hd).transpose(1, 2), rope)
     v = v.view(b, n, -1, hd).transpose(1, 2)
-    mask = _causal_mask(spec, n, q.device)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+    mask = _causal_mask(spec, n, q.device) if visible is None else visible
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(b, n, -1)
 
 
