@@ -157,11 +157,13 @@ def test_int4_package_is_smaller_than_an_untied_export(exported, phi4_ckpt: Path
 
 def test_dml_graph_partial_rotary_on_the_cpu_ep(exported, phi4_ckpt: Path, tmp_path: Path) -> None:
     """The DirectML graph (separate q/k/v, RotaryEmbedding with rotary_embedding_dim, position_ids) computes
-    what its CUDA twin (packed qkv, rotary inside GQA) computes from the same int4 block-128 weights,
+    what its CUDA twin (packed qkv, rotary inside GQA) computes from the same int4 weights (block 128, the table 32),
     past the original context, on the CPU EP."""
     plain = SafetensorsCheckpoint(phi4_ckpt)  # RTN weights: the graph is under test, not AWQ
     dml = exported("int4-awq-dml", phi4_ckpt, weights=plain)
-    twin = export(phi4_ckpt, "int4-cuda", tmp_path / "twin", block_size=128)
+    cuda = TARGETS["int4-cuda"]  # at the flagship's blocks: 128, the tied table at int4-cpu's 32
+    twin = export(phi4_ckpt, dataclasses.replace(cuda, quant=dataclasses.replace(
+        cuda.quant, block_size=128, tied_table_block_size=TARGETS["int4-awq-dml"].quant.tied_table_block_size)), tmp_path / "twin")
     model = onnx.load(str(dml / "model.onnx"), load_external_data=False)
     rot = [n for n in model.graph.node if n.op_type == "RotaryEmbedding"]
     assert rot and all({a.name: a.i for a in n.attribute}["rotary_embedding_dim"] == 48 for n in rot)

@@ -191,7 +191,7 @@ def make_linear(ctx: Context, name: str, x: ir.Value, hf_name: WeightRef | str, 
     inputs = [x, w.packed, w.scales, *([w.zero_points] if w.zero_points is not None else [])]
     return ctx.b.op(
         "MatMulNBits", inputs, f"{name}/MatMulNBits", domain=MS_DOMAIN,
-        K=in_f, N=out_f, bits=recipe.bits, block_size=recipe.block_size, accuracy_level=recipe.accuracy_level,
+        K=in_f, N=out_f, bits=recipe.bits, block_size=w.block_size, accuracy_level=recipe.accuracy_level,
     )
 
 
@@ -215,6 +215,8 @@ def make_int4_weight(ctx: Context, hf_name: WeightRef | str, out_f: int, in_f: i
     recipe, ref = ctx.target.quant, WeightRef.of(hf_name)
     assert recipe is not None
     bs = recipe.block_size
+    if recipe.tied_table_block_size and ctx.spec.tie_word_embeddings and ref.name == tensor_name("embed_tokens"):
+        bs = recipe.tied_table_block_size
     k_blocks = -(-in_f // bs)  # ceil: a K that bs does not divide is zero-padded in the last block (K stays in_f)
 
     def quantized() -> Int4Blocks:  # runs when the weight is saved; a graph only planned needs no packer

@@ -77,7 +77,8 @@ class Quantizer(Protocol):
 def _base_record(recipe: QuantRecipe) -> dict[str, Any]:
     return {"method": recipe.method, "bits": recipe.bits, "block_size": recipe.block_size,
             "accuracy_level": recipe.accuracy_level, "symmetric": recipe.symmetric,
-            "quantize_lm_head": recipe.quantize_lm_head, "quantize_embedding": recipe.quantize_embedding}
+            "quantize_lm_head": recipe.quantize_lm_head, "quantize_embedding": recipe.quantize_embedding,
+            **({"tied_table_block_size": recipe.tied_table_block_size} if recipe.tied_table_block_size else {})}
 
 
 @dataclass(frozen=True)
