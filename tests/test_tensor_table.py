@@ -74,10 +74,14 @@ def test_provider_registry_drives_every_stage():
     assert PROVIDER_ORDER == ("cuda", "dml", "cpu")
     assert {t.provider for t in TARGETS.values()} <= set(PROVIDERS)
     assert EP_NAMES == {n: p.ort_name for n, p in PROVIDERS.items()}
-    spec = preset("phi3-mini-4k")
-    for target in TARGETS.values():
-        session = genai_config(spec, target, 64)["model"]["decoder"]["session_options"]
-        assert session["provider_options"] == PROVIDERS[target.provider].provider_options()
+    for name, dml_capture in (("phi3-mini-128k", "1"), ("phi3-mini-4k", "0")):  # 4k: DML's window is in plain ops
+        spec = preset(name)
+        for target in TARGETS.values():
+            session = genai_config(spec, target, 64)["model"]["decoder"]["session_options"]
+            want = PROVIDERS[target.provider].provider_options()
+            if target.provider == "dml":
+                want = [{"dml": {"enable_graph_capture": dml_capture}}]
+            assert session["provider_options"] == want
     installed = tuple(p.ort_name for p in PROVIDERS.values())
     assert not Environment(installed, cuda_devices=0).usable("cuda")
     assert Environment(installed, cuda_devices=1).usable("cuda") and Environment(installed).usable("cpu")
