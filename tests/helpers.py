@@ -12,6 +12,8 @@ TINY_PHI3 = ASSETS / "tiny-phi3"
 TINY_PHI3_LONGROPE = ASSETS / "tiny-phi3-longrope.json"
 # a second trained checkpoint, widths not multiples of 128 (hidden 192, MLP 864, 6/2 heads): the flagship's held-out check
 TINY_PHI3_W192 = ASSETS / "tiny-phi3-w192"
+# a trained tiny Phi-3.5-MoE (hidden 128, 4 experts top-2, plain RoPE): the MoE accuracy checks (tests/test_phimoe.py)
+TINY_PHIMOE = ASSETS / "tiny-phimoe"
 
 
 def make_variant(src: Path, dst: Path, **config_overrides: Any) -> Path:
