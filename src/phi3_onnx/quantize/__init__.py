@@ -137,7 +137,7 @@ MOE_NOTE = ("one input scale shared by the router (float32, exact) and every exp
             "rounding per expert matrix")
 SMALL_NOTE = ("input scales folded into both LayerNorms' weight and bias (qkv_proj, gate_up_proj) and into the v rows and "
               "v bias (o_proj, tied across the query heads of a KV head); down_proj unscaled (gegelu's clamp and +1 make "
-              "the fold inexact); the tied embedding table rounded to nearest; statistics through the block-sparse "
+              "the fold inexact); the tied embedding table rounded to nearest (at the recipe's tied_table_block_size); statistics through the block-sparse "
               "attention; clip/refit and rounding per matrix")
 
 
