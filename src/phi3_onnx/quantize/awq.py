@@ -37,6 +37,7 @@ query heads sharing a KV head (geometric mean), which keeps the fold exact for a
 from __future__ import annotations
 
 import os
+from typing import Any
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -457,24 +458,31 @@ def _cpu_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def stream_layers(spec: ModelSpec, ckpt: Any, x: torch.Tensor, rope: tp.Rotary, recipe: QuantRecipe, settings: AwqSettings,
+                  title: str, layer_fn: Callable, head_fn: Callable, progress: bool = False) -> tuple[list, BlockChoice | None]:
+    """Step 1 for every architecture: each layer searched (`layer_fn`) on the previous layer's unquantized
+    outputs, then an untied quantized lm_head (`head_fn`) on the last layer's."""
+    block, layers, head = recipe.block_size, [], None
+    with torch.inference_mode(), _cpu_threads(settings.cpu_threads), task(title, spec.num_layers + 1, progress) as advance:
+        for i in range(spec.num_layers):
+            layer, x = layer_fn(spec, ckpt, i, x, rope, block, settings)
+            layers.append(layer)
+            advance(1)
+        if recipe.quantize_lm_head and not spec.tie_word_embeddings:  # tied: clipping would change the embedding
+            head = head_fn(spec, ckpt, x, block, settings)
+        advance(1)
+    return layers, head
+
+
 def calibrate(folder: Path, spec: ModelSpec, recipe: QuantRecipe, text: str, settings: AwqSettings, progress: bool = False) -> AwqResult:
     """Step 1: stream the layers, searching each one on the previous layer's unquantized outputs."""
     ckpt = SafetensorsCheckpoint(folder)
     ids = calibration_ids(folder, text, settings)
-    device, block = _device(), recipe.block_size
+    device = _device()
     x = torch.from_numpy(ckpt.read(tensor_name("embed_tokens")))[ids].to(device)
     rope = tp.rotary_for(spec, ids.shape[1], device)
-    layers, head = [], None
     title = f"AWQ calibration ({ids.shape[0]} x {ids.shape[1]} tokens)"
-    with torch.inference_mode(), _cpu_threads(settings.cpu_threads), task(title, spec.num_layers + 1, progress) as advance:
-        for i in range(spec.num_layers):
-            layer, x = calibrate_layer(spec, ckpt, i, x, rope, block, settings)
-            layers.append(layer)
-            advance(1)
-        if recipe.quantize_lm_head and not spec.tie_word_embeddings:  # tied: clipping would change the embedding
-            head = calibrate_head(spec, ckpt, x, block, settings)
-        advance(1)
-    return AwqResult(layers, head)
+    return AwqResult(*stream_layers(spec, ckpt, x, rope, recipe, settings, title, calibrate_layer, calibrate_head, progress))
 
 
 def awq_weights(checkpoint_folder: str | Path, spec: ModelSpec, recipe: QuantRecipe, calibration: str | None = None,

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 
 from phi3_onnx.checkpoint.phimoe_tensors import parse_phimoe_name, phimoe_name
 from phi3_onnx.checkpoint.reader import SafetensorsCheckpoint
-from phi3_onnx.progress import task
 from phi3_onnx.quantize import torch_phi3 as tp
-from phi3_onnx.quantize.awq import (DEFAULT_SAMPLES, AwqSettings, _cpu_threads, _device, calibration_ids,
+from phi3_onnx.quantize.awq import (DEFAULT_SAMPLES, AwqSettings, _device, calibration_ids, stream_layers,
                                     calibration_text, run_settings, search_attention_scale, search_sequences, tie_heads,
                                     v_row_scale)
 from phi3_onnx.quantize.awq_search import (BlockChoice, SearchGrid, apply_blocks, block_gram, evenly_spaced,
@@ -279,20 +278,11 @@ def calibrate(folder, spec: ModelSpec, recipe: QuantRecipe, text: str, settings:
               progress: bool = False) -> MoeAwqResult:
     ckpt = SafetensorsCheckpoint(folder)
     ids = calibration_ids(folder, text, settings)
-    device, block = _device(), recipe.block_size
+    device = _device()
     x = _read(ckpt, "embed_tokens", device="cpu")[ids].to(device)
     rope = tp.rotary_for(spec, ids.shape[1], device)
-    layers, head = [], None
     title = f"AWQ calibration, mixture of experts ({ids.shape[0]} x {ids.shape[1]} tokens)"
-    with torch.inference_mode(), _cpu_threads(settings.cpu_threads), task(title, spec.num_layers + 1, progress) as advance:
-        for i in range(spec.num_layers):
-            layer, x = calibrate_layer(spec, ckpt, i, x, rope, block, settings)
-            layers.append(layer)
-            advance(1)
-        if recipe.quantize_lm_head and not spec.tie_word_embeddings:
-            head = calibrate_head(spec, ckpt, x, block, settings)
-        advance(1)
-    return MoeAwqResult(layers, head)
+    return MoeAwqResult(*stream_layers(spec, ckpt, x, rope, recipe, settings, title, calibrate_layer, calibrate_head, progress))
 
 
 def awq_moe_weights(checkpoint_folder, spec: ModelSpec, recipe: QuantRecipe, calibration: str | None = None,

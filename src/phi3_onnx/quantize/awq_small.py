@@ -42,12 +42,11 @@ import torch.nn.functional as F
 from phi3_onnx.checkpoint import tiktoken as tk
 from phi3_onnx.checkpoint.phi3_small import Phi3SmallCheckpoint, bias_name, open_small
 from phi3_onnx.checkpoint.tensors import LAYER_ROLES, parse_name, tensor_name
-from phi3_onnx.progress import task
 from phi3_onnx.quantize import torch_phi3 as tp
 from phi3_onnx.quantize.awq import (DEFAULT_SAMPLES, AwqLayer, AwqResult, AwqSettings, AwqWeights, LayerScales, LinearStats,
-                                    _cpu_threads, _device, calibration_text, calibration_windows, choose_blocks, collect_stats,
+                                    _device, calibration_text, calibration_windows, choose_blocks, collect_stats,
                                     fold, run_settings, search_attention_scale, search_gated_scale, search_sequences,
-                                    tie_heads, v_row_scale)
+                                    stream_layers, tie_heads, v_row_scale)
 from phi3_onnx.quantize.awq_search import BlockChoice, search_scale
 from phi3_onnx.spec import ModelSpec
 from phi3_onnx.targets import QuantRecipe
@@ -217,20 +216,11 @@ def calibrate(folder: Path, spec: ModelSpec, recipe: QuantRecipe, text: str, set
     """Stream the layers, searching each one on the previous layer's unquantized outputs (awq.calibrate)."""
     ckpt = open_small(folder, spec)
     ids = calibration_ids(folder, spec, text, settings, tiktoken_file)
-    device, block = _device(), recipe.block_size
+    device = _device()
     x = embed(spec, ckpt, ids).to(device)
     rope = tp.rotary_for(spec, ids.shape[1], device)
-    layers, head = [], None
     title = f"AWQ calibration, Phi-3-small ({ids.shape[0]} x {ids.shape[1]} tokens)"
-    with torch.inference_mode(), _cpu_threads(settings.cpu_threads), task(title, spec.num_layers + 1, progress) as advance:
-        for i in range(spec.num_layers):
-            layer, x = calibrate_layer(spec, ckpt, i, x, rope, block, settings)
-            layers.append(layer)
-            advance(1)
-        if recipe.quantize_lm_head and not spec.tie_word_embeddings:
-            head = calibrate_head(spec, ckpt, x, block, settings)
-        advance(1)
-    return AwqResult(layers, head)
+    return AwqResult(*stream_layers(spec, ckpt, x, rope, recipe, settings, title, calibrate_layer, calibrate_head, progress))
 
 
 def awq_small_weights(checkpoint_folder: str | Path, spec: ModelSpec, recipe: QuantRecipe, calibration: str | None = None,
