@@ -14,6 +14,8 @@ TINY_PHI3_LONGROPE = ASSETS / "tiny-phi3-longrope.json"
 TINY_PHI3_W192 = ASSETS / "tiny-phi3-w192"
 # a trained tiny Phi-3.5-MoE (hidden 128, 4 experts top-2, plain RoPE): the MoE accuracy checks (tests/test_phimoe.py)
 TINY_PHIMOE = ASSETS / "tiny-phimoe"
+# a trained tiny Phi-3-small (reference_forward of tests/phi3_small_ref.py, byte-level ranks): its accuracy checks
+TINY_PHI3_SMALL = ASSETS / "tiny-phi3-small"
 
 
 def make_variant(src: Path, dst: Path, **config_overrides: Any) -> Path:
