@@ -239,25 +239,6 @@ def test_awq_package_equals_reference_over_its_weights(small_ckpt: Path, small_a
 # ----------------------------------------------------------------------------- accuracy
 
 
-HELDOUT = Path(__file__).resolve().parent / "assets" / "corpus" / "heldout.txt"
-
-
-def _words(text: str, n: int) -> set[tuple[str, ...]]:
-    w = text.split()
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
-
-
-def test_heldout_text_is_not_calibration_text() -> None:
-    """AWQ calibrates on the built-in text (data/calibration.txt); the accuracy checks score the held-out corpus:
-    no held-out paragraph is in it, nor any 12-word run (stdlib docstrings share some shorter phrases)."""
-    from phi3_onnx.quantize.awq import calibration_text
-
-    calib, held = calibration_text(None), HELDOUT.read_text(encoding="utf-8")
-    paragraphs = [p.strip() for p in held.split("\n\n") if p.strip()]
-    assert len(paragraphs) > 300 and not any(p in calib for p in paragraphs)
-    assert not _words(held, 12) & _words(calib, 12)
-
-
 @pytest.fixture(scope="module")
 def drifts(tmp_path_factory) -> dict:
     """Held-out drift from fp32-cpu of int4-cpu (RTN block 32), int4-cpu --block-size 128 and int4-awq-cpu (through
