@@ -174,21 +174,10 @@ def _routing_margins(model, ids: np.ndarray, prefix: int) -> np.ndarray:
 
 
 def _genai_greedy(pkg: Path, prompt: list[int], new: int) -> list[int]:
-    import onnxruntime_genai as og
+    from helpers import genai_greedy
 
-    config = og.Config(str(pkg))
-    if EP == "CPUExecutionProvider":  # --cpu smoke run: the package names cuda
-        config.clear_providers()
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
+    # --cpu smoke run: the package names cuda
+    return genai_greedy(pkg, prompt, new, (lambda config: config.clear_providers()) if EP == "CPUExecutionProvider" else None)
 
 
 def main() -> int:

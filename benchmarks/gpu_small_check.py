@@ -117,23 +117,14 @@ class BoundSession:
 
 def genai_greedy(pkg: Path, prompt: list[int], new: int, cuda_graph: str | None = None) -> list[int]:
     """Greedy through genai with the package's genai_config (cuda_graph None) or enable_cuda_graph forced."""
-    import onnxruntime_genai as og
+    from helpers import genai_greedy as greedy
 
-    config = og.Config(str(pkg))
-    if cuda_graph is not None:
+    def force(config) -> None:
         config.clear_providers()
         config.append_provider("cuda")
         config.set_provider_option("cuda", "enable_cuda_graph", cuda_graph)
-    model = og.Model(config)
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
-    gen = og.Generator(model, params)
-    gen.append_tokens(prompt)
-    out = []
-    while not gen.is_done():
-        gen.generate_next_token()
-        out.append(int(gen.get_next_tokens()[0]))
-    return out
+
+    return greedy(pkg, prompt, new, None if cuda_graph is None else force)
 
 
 def check_target(name: str, ckpt: Path, work: Path, cfg: dict, weights: dict, rows: list) -> None:

@@ -40,6 +40,31 @@ def tiny_sliding_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ranks() -> dict[bytes, int]:
+    """BPE ranks trained on a slice of the corpus: the tiny random Phi-3-small checkpoints' tiktoken file."""
+    import phi3_small_ref as ref
+
+    return ref.train_ranks(ref.corpus_text(30_000), 400)
+
+
+@pytest.fixture(scope="session")
+def small_ckpt(tmp_path_factory: pytest.TempPathFactory, ranks) -> Path:
+    """A tiny random Phi-3-small checkpoint (tests/phi3_small_ref.py): parity against the plain-torch reference."""
+    import phi3_small_ref as ref
+
+    return ref.make_small_checkpoint(tmp_path_factory.mktemp("small") / "tiny-phi3-small", ranks)
+
+
+@pytest.fixture(scope="session")
+def small_longrope_ckpt(tmp_path_factory: pytest.TempPathFactory, ranks) -> Path:
+    """The same shape with LongRoPE past a short original context (the 128k variant's rules)."""
+    import phi3_small_ref as ref
+
+    return ref.make_small_checkpoint(tmp_path_factory.mktemp("small") / "tiny-phi3-small-128k", ranks, seed=1,
+                                     **ref.longrope_overrides())
+
+
+@pytest.fixture(scope="session")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """exported(target, ckpt=None, **overrides) -> package folder, exported once per session."""
     from phi3_onnx import export

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -142,11 +143,15 @@ def make_random_phimoe(dst: Path, seed: int = 0, **config: Any) -> Path:
     return dst
 
 
-def genai_greedy(pkg: Path, prompt: list[int], new: int) -> list[int]:
-    """onnxruntime-genai's greedy continuation of `prompt` by exactly `new` tokens (end tokens suppressed)."""
+def genai_greedy(pkg: Path, prompt: list[int], new: int, configure: Callable[[Any], None] | None = None) -> list[int]:
+    """onnxruntime-genai's greedy continuation of `prompt` by exactly `new` tokens (end tokens suppressed);
+    `configure` may change the package's og.Config first (providers, their options)."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(pkg))
+    config = og.Config(str(pkg))
+    if configure is not None:
+        configure(config)
+    model = og.Model(config)
     params = og.GeneratorParams(model)
     params.set_search_options(max_length=len(prompt) + new, min_length=len(prompt) + new, do_sample=False)
     gen = og.Generator(model, params)
@@ -156,3 +161,33 @@ def genai_greedy(pkg: Path, prompt: list[int], new: int) -> list[int]:
         gen.generate_next_token()
         out.append(int(gen.get_next_tokens()[0]))
     return out
+
+
+def export_all_and_eval(ckpt: Path, targets: list[str], root: Path, heldout: Path, window: int, tokens: int,
+                        label: str) -> dict:
+    """Every target of `ckpt` exported under root/variants and one `phi3-onnx eval` of them all against its
+    fp32-cpu export on `heldout` (`window`-token windows, `tokens` in all); prints each row's metrics.
+    Returns {"root", "reference", "rc", "rows": {target: report row}}."""
+    import json
+    import time
+
+    from phi3_onnx import export
+    from phi3_onnx.cli import main
+
+    t0 = time.perf_counter()
+    reference = export(ckpt, "fp32-cpu", root / "reference")
+    for target in targets:
+        export(ckpt, target, root / "variants" / target)
+    t1 = time.perf_counter()
+    out = root / "report.json"
+    rc = main(["eval", str(root / "variants"), "--reference", str(reference), "--data", str(heldout), "--window",
+               str(window), "--max-tokens", str(tokens), "--json", str(out), "--quiet"])
+    rows = {row["target"]: row for row in json.loads(out.read_text())["variants"]}
+    print(f"\n{label}: export {t1 - t0:.1f}s, eval {time.perf_counter() - t1:.1f}s")
+    nan = float("nan")
+    for name, row in rows.items():
+        m = row["metrics"] or {}
+        print(f"  {name:14s} {row['status']:5s} KL {m.get('kl_mean', nan):.5f}  top-1 {m.get('top1', nan):.4f}"
+              f"  ppl {m.get('ref_ppl', nan):.3f} -> {m.get('ppl', nan):.3f} ({m.get('ppl_increase_pct', nan):+.2f}%)"
+              f"  max|dlogit| {m.get('max_abs_dlogit', nan):.3f}  {m.get('tokens')} tokens")
+    return {"root": root, "reference": reference, "rc": rc, "rows": rows}

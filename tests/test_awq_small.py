@@ -36,22 +36,6 @@ PACKAGE = 1e-4  # an fp32-compute package against the reference (tests/test_phi3
 
 
 @pytest.fixture(scope="module")
-def ranks() -> dict[bytes, int]:
-    return ref.train_ranks(ref.corpus_text(30_000), 400)
-
-
-@pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory, ranks) -> Path:
-    return ref.make_small_checkpoint(tmp_path_factory.mktemp("awq-small") / "tiny-phi3-small", ranks)
-
-
-@pytest.fixture(scope="module")
-def small_longrope_ckpt(tmp_path_factory, ranks) -> Path:
-    return ref.make_small_checkpoint(tmp_path_factory.mktemp("awq-small") / "tiny-phi3-small-128k", ranks, seed=1,
-                                     **ref.longrope_overrides())
-
-
-@pytest.fixture(scope="module")
 def small_awq(small_ckpt: Path):
     """AWQ's weight source with the exporter's defaults (8 x 256 built-in calibration tokens, block 128)."""
     return awq_small_weights(small_ckpt, spec_from_folder(small_ckpt), TARGETS["int4-awq-cpu"].quant)

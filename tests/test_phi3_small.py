@@ -29,25 +29,9 @@ from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import read_manifest
 from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
 from phi3_onnx.targets import FLAGSHIP_BLOCK, TARGETS
-from helpers import TINY_PHI3_SMALL, genai_greedy
+from helpers import TINY_PHI3_SMALL, export_all_and_eval, genai_greedy
 
 REL_TOL = 1e-4  # max |diff| / logit range, as tests/test_export.py
-
-
-@pytest.fixture(scope="module")
-def ranks() -> dict[bytes, int]:
-    return ref.train_ranks(ref.corpus_text(30_000), 400)
-
-
-@pytest.fixture(scope="module")
-def small_ckpt(tmp_path_factory, ranks) -> Path:
-    return ref.make_small_checkpoint(tmp_path_factory.mktemp("small") / "tiny-phi3-small", ranks)
-
-
-@pytest.fixture(scope="module")
-def small_longrope_ckpt(tmp_path_factory, ranks) -> Path:
-    return ref.make_small_checkpoint(tmp_path_factory.mktemp("small") / "tiny-phi3-small-128k", ranks, seed=1,
-                                     **ref.longrope_overrides())
 
 
 def _cfg(ckpt: Path) -> dict:
@@ -495,27 +479,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every target exported from the trained tiny Phi-3-small (tests/assets/tiny-phi3-small; AWQ with the
     exporter's defaults: 8 x 256 built-in calibration tokens) and one `phi3-onnx eval` of them all against its
     fp32-cpu export on held-out text (the CUDA packages' SparseAttention through the shared KV buffer)."""
-    import time
-
-    from phi3_onnx.cli import main
-
-    root = tmp_path_factory.mktemp("trained-small")
-    t0 = time.perf_counter()
-    reference = export(TINY_PHI3_SMALL, "fp32-cpu", root / "reference")
-    for target in _EVAL_TARGETS:
-        export(TINY_PHI3_SMALL, target, root / "variants" / target)
-    t1 = time.perf_counter()
-    out = root / "report.json"
-    rc = main(["eval", str(root / "variants"), "--reference", str(reference), "--data", str(HELDOUT), "--window",
-               str(_EVAL_WINDOW), "--max-tokens", str(_EVAL_TOKENS), "--json", str(out), "--quiet"])
-    rows = {row["target"]: row for row in json.loads(out.read_text())["variants"]}
-    print(f"\ntrained tiny Phi-3-small: export {t1 - t0:.1f}s, eval {time.perf_counter() - t1:.1f}s")
-    for name, row in rows.items():
-        m = row["metrics"] or {}
-        print(f"  {name:14s} {row['status']:5s} KL {m.get('kl_mean', float('nan')):.5f}  top-1 {m.get('top1', float('nan')):.4f}"
-              f"  ppl {m.get('ref_ppl', float('nan')):.3f} -> {m.get('ppl', float('nan')):.3f} ({m.get('ppl_increase_pct', float('nan')):+.2f}%)"
-              f"  max|dlogit| {m.get('max_abs_dlogit', float('nan')):.3f}  {m.get('tokens')} tokens")
-    return {"root": root, "reference": reference, "rc": rc, "rows": rows}
+    return export_all_and_eval(TINY_PHI3_SMALL, _EVAL_TARGETS, tmp_path_factory.mktemp("trained-small"), HELDOUT, _EVAL_WINDOW,
+                               _EVAL_TOKENS, "trained tiny Phi-3-small")
 
 
 def test_trained_asset_fp32_matches_reference(trained) -> None:

@@ -33,7 +33,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import TINY_PHIMOE, genai_greedy, make_random_phimoe, phimoe_like, phimoe_longrope
+from helpers import TINY_PHIMOE, export_all_and_eval, genai_greedy, make_random_phimoe, phimoe_like, phimoe_longrope
 from test_export import _assert_close, _empty_past, _ids, _session
 from transformers import DynamicCache, PhimoeForCausalLM
 from transformers.models.phimoe import modeling_phimoe
@@ -579,27 +579,8 @@ def test_heldout_text_is_not_calibration_text() -> None:
 def trained(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Every target exported from the trained tiny MoE (AWQ with the exporter's defaults: 8 x 256 built-in
     calibration tokens) and one `phi3-onnx eval` of them all against its fp32-cpu export."""
-    import time
-
-    from phi3_onnx.cli import main
-
-    root = tmp_path_factory.mktemp("trained-moe")
-    t0 = time.perf_counter()
-    reference = export(TINY_PHIMOE, "fp32-cpu", root / "reference")
-    for target in _EVAL_TARGETS:
-        export(TINY_PHIMOE, target, root / "variants" / target)
-    t1 = time.perf_counter()
-    out = root / "report.json"
-    rc = main(["eval", str(root / "variants"), "--reference", str(reference), "--data", str(HELDOUT), "--window",
-               str(_EVAL_WINDOW), "--max-tokens", str(_EVAL_TOKENS), "--json", str(out), "--quiet"])
-    rows = {row["target"]: row for row in json.loads(out.read_text())["variants"]}
-    print(f"\ntrained tiny MoE: export {t1 - t0:.1f}s, eval {time.perf_counter() - t1:.1f}s")
-    for name, row in rows.items():
-        m = row["metrics"] or {}
-        print(f"  {name:14s} {row['status']:5s} KL {m.get('kl_mean', float('nan')):.5f}  top-1 {m.get('top1', float('nan')):.4f}"
-              f"  ppl {m.get('ref_ppl', float('nan')):.2f} -> {m.get('ppl', float('nan')):.2f} ({m.get('ppl_increase_pct', float('nan')):+.2f}%)"
-              f"  {m.get('tokens')} tokens")
-    return {"reference": reference, "rc": rc, "rows": rows}
+    return export_all_and_eval(TINY_PHIMOE, _EVAL_TARGETS, tmp_path_factory.mktemp("trained-moe"), HELDOUT, _EVAL_WINDOW,
+                               _EVAL_TOKENS, "trained tiny MoE")
 
 
 def test_trained_asset_is_a_phimoe_checkpoint_and_fp32_matches_transformers(trained) -> None:
