@@ -255,16 +255,21 @@ def verify(out: Path, v5_config: str, text: str) -> None:
     print("verified: tokenizer round-trip, chat template, reload logits, variants")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_training_args(ap: argparse.ArgumentParser, out: Path, batch: int) -> None:
+    """The options every tiny-asset trainer takes (this one, train_tiny_phimoe.py, train_tiny_phi3_small.py)."""
     ap.add_argument("--steps", type=int, default=500)
     ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=batch)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--dropout", type=float, default=0.0, help="training only; saved as 0")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="1 is faster on a busy machine")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_training_args(ap, OUT, batch=16)
+    ap.add_argument("--dropout", type=float, default=0.0, help="training only; saved as 0")
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)

@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_phi3 import CORPUS, perplexity, read_docs, train  # noqa: E402  (puts tests/ on sys.path)
+from train_tiny_phi3 import CORPUS, add_training_args, perplexity, read_docs, train  # noqa: E402  (puts tests/ on sys.path)
 import phi3_small_ref as ref  # noqa: E402
 
 from phi3_onnx.checkpoint import tiktoken as tk  # noqa: E402
@@ -123,13 +123,7 @@ License Agreement (LICENSE is CPython's LICENSE.txt).
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=OUT)
+    add_training_args(ap, OUT, batch=8)
     ap.add_argument("--hidden", type=int, default=256, help="make_small_checkpoint's random default is 128; 256 as tiny-phi3 / tiny-phimoe")
     ap.add_argument("--intermediate", type=int, default=512)
     ap.add_argument("--heads", type=int, default=8)

@@ -26,6 +26,7 @@ from transformers import PhimoeConfig, PhimoeForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_phi3 import (  # noqa: E402  (its import puts tests/ on sys.path for helpers)
     CORPUS,
+    add_training_args,
     END,
     EOT,
     MODEL_VOCAB,
@@ -163,13 +164,7 @@ License Agreement (LICENSE is CPython's LICENSE.txt).
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--seq", type=int, default=256)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=2, help="1 is faster on a busy machine")
-    ap.add_argument("--out", type=Path, default=OUT)
+    add_training_args(ap, OUT, batch=16)
     # hidden 256 as tiny-phi3 (where the registry's drift limits were measured): at hidden 128 the same
     # recipe gave int4 RTN KL 0.052, over int4's limits (width, not MoE: dense hidden 192 gives 0.020, 256 0.0076)
     ap.add_argument("--hidden", type=int, default=256)
