@@ -1,6 +1,7 @@
 """CPU decode comparison anyone can rerun from a clone: phi3-onnx int4-cpu block sizes, optionally the
 onnxruntime-genai model builder's package, and llama.cpp (llama-cpp-python) Q4_0 / Q4_K_M of the same
 checkpoint — same thread count for all, one alternated run (A B C ... A B C ...), medians and ratios.
+With --device cuda the same comparison of our int4-cuda packages on the CUDA EP (a GPU machine).
 
     python benchmarks/make_random_checkpoint.py phi3-mini-4k /tmp/bench/mini4k    # full-size random weights
     pip install gguf llama-cpp-python                                             # llama.cpp side (builds from source)
@@ -8,6 +9,12 @@ checkpoint — same thread count for all, one alternated run (A B C ... A B C ..
 
     --builder DIR       add a model builder package made elsewhere (its export needs ~22 GiB RAM)
     --no-llama          ONNX Runtime only
+    --device cuda       int4-cuda / int4-awq-cuda packages, each run with its own genai_config (CUDA EP,
+                        CUDA graphs as exported); no llama.cpp
+    --jobs N            run N exports at once (a machine with the RAM for it: ~5 GiB each for Phi-4-mini)
+    --flagship          add int4-awq-<device>'s graph (block 128, a tied embedding/lm_head table at block 32),
+                        exported with RTN values: AWQ changes the numbers in it, not its shape, so it
+                        decodes at the flagship's speed without a calibration run
     --thread-study      instead: ours block 32 with intra_op_num_threads 1 (= genai's default without
                         the key) / 0 (as exported: all cores) / --threads / --threads without spinning
 
@@ -28,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,11 +129,29 @@ def sh(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def export_ours(ckpt: Path, work: Path, block: int) -> Path:
-    out = work / f"ours-int4-cpu-b{block}"
+def export_ours(ckpt: Path, work: Path, block: int, device: str = "cpu") -> Path:
+    out = work / f"ours-int4-{device}-b{block}"
     if not (out / "manifest.json").is_file():
-        sh([sys.executable, "-m", "phi3_onnx.cli", "export", "-m", str(ckpt), "-t", "int4-cpu", "--block-size",
+        sh([sys.executable, "-m", "phi3_onnx.cli", "export", "-m", str(ckpt), "-t", f"int4-{device}", "--block-size",
             str(block), "-o", str(out), "--force", "-q"])
+    return out
+
+
+FLAGSHIP_GRAPH = r"""
+import sys
+from pathlib import Path
+from phi3_onnx import export
+from phi3_onnx.checkpoint import open_checkpoint, spec_from_folder
+src = Path(sys.argv[1])
+export(src, sys.argv[3], sys.argv[2], force=True, weights=open_checkpoint(src, spec_from_folder(src)))
+"""
+
+
+def export_flagship_graph(ckpt: Path, work: Path, device: str = "cpu") -> Path:
+    """int4-awq-<device>'s graph over RTN weights (the manifest says "weights supplied by the caller")."""
+    out = work / f"ours-int4-awq-{device}-graph-rtn"
+    if not (out / "manifest.json").is_file():
+        sh([sys.executable, "-c", FLAGSHIP_GRAPH, str(ckpt), str(out), f"int4-awq-{device}"])
     return out
 
 
@@ -179,8 +205,9 @@ def summarise(variants: list[Variant], base: str) -> list[dict]:
 def markdown(doc: dict) -> str:
     base = doc["baseline"]
     s = doc["settings"]
-    lines = [f"# CPU compare: {doc['checkpoint']} ({doc['started']})", "",
-             f"{doc['machine']['cpu']}, {doc['machine']['physical_cores']} physical cores, load average at start "
+    gpu = f"GPU {s['gpu']} (CUDA EP), " if s.get("device") == "cuda" else ""
+    lines = [f"# {'CUDA' if gpu else 'CPU'} compare: {doc['checkpoint']} ({doc['started']})", "",
+             f"{gpu}{doc['machine']['cpu']}, {doc['machine']['physical_cores']} physical cores, load average at start "
              f"{doc['machine']['load_average_at_start']}; prompt {s['prompt_tokens']} random ids, {s['new_tokens']} new "
              f"tokens, {s['rounds']} alternated rounds (fresh process each); threads {s['threads']}; versions "
              + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()), "",
@@ -223,7 +250,8 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for dist in ("phi3-onnx", "onnxruntime", "onnxruntime-genai", "llama-cpp-python"):
+    # a GPU machine may have the CPU onnxruntime installed beside the onnxruntime-gpu that is imported
+    for dist in ("phi3-onnx", "onnxruntime", "onnxruntime-gpu", "onnxruntime-genai", "onnxruntime-genai-cuda", "llama-cpp-python"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
@@ -240,6 +268,9 @@ def main() -> None:
     ap.add_argument("--llama", default="q4_0,q4_k_m", help="llama.cpp quantizations (comma-separated)")
     ap.add_argument("--no-llama", action="store_true")
     ap.add_argument("--thread-study", action="store_true")
+    ap.add_argument("--flagship", action="store_true", help="add int4-awq-<device>'s graph (RTN values, no calibration)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--jobs", type=int, default=1, help="exports at once")
     ap.add_argument("--threads", type=int, default=physical_cores())
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-tokens", type=int, default=16)
@@ -248,7 +279,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     ap.add_argument("--name", default=None, help="results file stem (default: cpu_compare-<checkpoint>-<date>)")
     args = ap.parse_args()
-    t = str(args.threads)
+    t = str(args.threads) if args.device == "cpu" else "none"
+    if args.device == "cuda" and (args.thread_study or args.builder or not args.no_llama):
+        ap.error("--device cuda compares our packages only: pass --no-llama, without --builder/--thread-study")
     blocks = [int(b) for b in args.blocks.split(",") if b]
     variants: list[Variant] = []
     if args.thread_study:
@@ -258,7 +291,13 @@ def main() -> None:
                     Variant(f"ours b{blocks[0]} threads {t}", "genai", pkg, t),
                     Variant(f"ours b{blocks[0]} threads {t}, no spinning", "genai", pkg, f"{t}-nospin")]
     else:
-        variants = [Variant(f"ours int4-cpu b{b}", "genai", export_ours(args.checkpoint, args.work, b), t) for b in blocks]
+        dev = args.device
+        jobs = [(f"ours int4-{dev} b{b}", lambda b=b: export_ours(args.checkpoint, args.work, b, dev)) for b in blocks]
+        if args.flagship:
+            jobs.append((f"ours int4-awq-{dev} graph", lambda: export_flagship_graph(args.checkpoint, args.work, dev)))
+        with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # each export is its own process
+            paths = list(pool.map(lambda job: job[1](), jobs))
+        variants = [Variant(name, "genai", path, t) for (name, _), path in zip(jobs, paths)]
         if args.builder:
             variants.append(Variant("builder int4 cpu", "genai", args.builder, t))
         if not args.no_llama:
@@ -276,7 +315,8 @@ def main() -> None:
     doc = {
         "schema_version": 1, "started": started, "checkpoint": args.checkpoint.name, "baseline": base,
         "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "rounds": args.rounds,
-                     "threads": args.threads, "seed": args.seed, "thread_study": args.thread_study},
+                     "threads": args.threads if args.device == "cpu" else "as exported", "seed": args.seed,
+                     "thread_study": args.thread_study, "device": args.device, **({"gpu": _gpu()} if args.device == "cuda" else {})},
         "machine": {"cpu": _cpu(), "physical_cores": physical_cores(), "logical_cpus": os.cpu_count(),
                     "load_average_at_start": load, "platform": platform.platform()},
         "versions": versions(),
@@ -288,6 +328,14 @@ def main() -> None:
     (args.out / f"{stem}.md").write_text(markdown(doc))
     plot(doc, args.out / f"{stem}.png")
     print(markdown(doc))
+
+
+def _gpu() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
 
 
 def _cpu() -> str:
