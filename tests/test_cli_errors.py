@@ -91,6 +91,12 @@ def test_unknown_target(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_comma_separated_targets_say_how_to_ask_for_a_bundle(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
+    code, err = _run(capsys, ["export", "-m", str(tiny_ckpt), "-t", "int4-cpu,fp32-cpu", "-o", str(tmp_path / "o")])
+    _assert_one_line_error(code, err, "repeat -t, e.g. -t int4-cpu -t fp32-cpu")
+    assert not (tmp_path / "o").exists()
+
+
 def test_bad_block_size(tiny_ckpt: Path, tmp_path: Path, capsys) -> None:
     code, err = _run(capsys, ["export", "-m", str(tiny_ckpt), "-t", "int4-cpu", "-o", str(tmp_path / "o"), "--block-size", "48"])
     _assert_one_line_error(code, err, "power of two")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import subprocess
 import sys
@@ -44,7 +45,10 @@ def test_shell_completion_is_offered(capsys):
     rc, out, _ = run(capsys, ["--help"])
     assert rc == 0 and "--install-completion" in out and "--show-completion" in out
     script = Path(sys.executable).parent / "phi3-onnx"  # the installed console script
-    shown = subprocess.run([str(script), "--show-completion", "bash"], capture_output=True, text=True, timeout=60)
+    # typer detects the shell from the process tree (shellingham) unless told not to: under nohup or a CI
+    # runner without a shell parent it finds none ("Shell  not supported."); this env var makes it take the name
+    env = {**os.environ, "_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"}
+    shown = subprocess.run([str(script), "--show-completion", "bash"], capture_output=True, text=True, timeout=60, env=env)
     assert shown.returncode == 0 and "complete" in shown.stdout and "phi3" in shown.stdout.lower()
 
 

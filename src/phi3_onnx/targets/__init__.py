@@ -257,7 +257,8 @@ def get_target(name: str) -> Target:
     try:
         return TARGETS[name]
     except KeyError:
-        raise KeyError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}") from None
+        several = "; several targets (a bundle): repeat -t, e.g. -t int4-cpu -t fp32-cpu" if "," in name else ""
+        raise KeyError(f"unknown target {name!r}; choose from: {', '.join(TARGETS)}{several}") from None
 
 
 __all__ = ["BIASED_GQA_PROVIDERS", "DriftLimits", "GraphOptions", "QuantRecipe", "SPARSE_ATTENTION_PROVIDERS", "TARGETS", "Target", "get_target",
