@@ -7,7 +7,10 @@ Writes bf16 safetensors shards + model.safetensors.index.json, the preset's conf
 (`src/phi3_onnx/checkpoint/configs/NAME.json`, hub form), and the tokenizer of the committed tiny
 checkpoint (`tests/assets/tiny-phi3`: BPE with byte fallback and the Phi-3 special tokens; benchmark
 prompts are random token ids, so its small vocabulary does not matter; gguf conversion pads it to
-vocab_size). Weights: N(0, 0.02) for matrices, 1.0 for norms, like a freshly initialised model.
+vocab_size). Phi-3-small (phi3-small-8k): its own tensor names (checkpoint/phi3_small.py) and, instead of
+tokenizer files, a synthetic `random.tiktoken` of vocab_size - 96 ranks (every byte, every byte pair, then
+byte triples), which the export turns into tokenizer.json as it does cl100k_base's.
+Weights: N(0, 0.02) for matrices, 1.0 for norms and biases, like a freshly initialised model.
 Needs only numpy and ml_dtypes (both phi3-onnx dependencies); peak RSS stays under ~0.5 GiB.
 Phi-3-mini-4k: 7.6 GB on disk, ~1-2 min on a 2-core machine.
 """
@@ -15,6 +18,8 @@ Phi-3-mini-4k: 7.6 GB on disk, ~1-2 min on a 2-core machine.
 from __future__ import annotations
 
 import argparse
+import base64
+import itertools
 import json
 import shutil
 import struct
@@ -29,6 +34,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from phi3_onnx.checkpoint import expected_tensors, preset_config, spec_from_config  # noqa: E402
+from phi3_onnx.checkpoint.phi3_small import small_names  # noqa: E402
+from phi3_onnx.checkpoint.tiktoken import RESERVED  # noqa: E402
 
 TOKENIZER_FROM = REPO / "tests" / "assets" / "tiny-phi3"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -80,7 +87,8 @@ def _write_tensor(f, shape: tuple[int, ...], rng: np.random.Generator) -> None:
 def make(preset: str, out: Path, seed: int = 0, shard_gb: float = 2.0) -> Path:
     cfg = preset_config(preset)
     spec = spec_from_config(cfg, name=preset)
-    tensors = expected_tensors(spec)
+    small = spec.small is not None
+    tensors = {own: shape for own, _, shape in small_names(spec).values()} if small else expected_tensors(spec)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     shards = shard_plan(tensors, int(shard_gb * 1e9))
@@ -93,9 +101,23 @@ def make(preset: str, out: Path, seed: int = 0, shard_gb: float = 2.0) -> Path:
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     (out / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if not k.startswith("_")}, indent=2))
-    for name in TOKENIZER_FILES:
-        shutil.copy2(TOKENIZER_FROM / name, out / name)
+    if small:
+        write_ranks(out / "random.tiktoken", spec.vocab_size - RESERVED)
+    else:
+        for name in TOKENIZER_FILES:
+            shutil.copy2(TOKENIZER_FROM / name, out / name)
     return out
+
+
+def write_ranks(path: Path, count: int) -> None:
+    """A .tiktoken file of `count` ranks: each byte, each byte pair, then byte triples, in that order (so
+    every multi-byte token splits into two lower-ranked ones, as BPE merges need)."""
+    singles = [bytes([b]) for b in range(256)]
+    tokens = itertools.chain(singles, (a + b for a in singles for b in singles),
+                             (a + b + c for a in singles for b in singles for c in singles))
+    with open(path, "w") as f:
+        for rank, token in enumerate(itertools.islice(tokens, count)):
+            f.write(f"{base64.b64encode(token).decode()} {rank}\n")
 
 
 def main() -> None:
