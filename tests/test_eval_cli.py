@@ -164,6 +164,37 @@ def test_bundle_report_has_one_row_per_variant(tmp_path, int4, fp32, capsys):
     assert len(table_rows) == 2
 
 
+def _bundle(folder: Path, **variants: Path) -> Path:
+    folder.mkdir()
+    for name, pkg in variants.items():
+        shutil.copytree(pkg, folder / name)
+    doc = bundle_document("tiny", [(n, read_manifest(folder / n)) for n in variants])
+    (folder / "bundle.json").write_text(json.dumps(doc))
+    return folder
+
+
+def test_a_bundle_without_reference_uses_its_fp32_cpu_variant(tmp_path, int4, fp32, capsys):
+    bundle = _bundle(tmp_path / "bundle", **{"int4-cpu": int4, "fp32-cpu": fp32})
+    out = tmp_path / "default.json"
+    assert main(["eval", str(bundle), *FAST, "--max-tokens", "128", "--json", str(out)]) == 0, capsys.readouterr().err
+    default = json.loads(out.read_text())
+    assert default["reference"]["path"] == str(bundle / "fp32-cpu")
+    assert "the bundle's fp32-cpu variant" in capsys.readouterr().err
+    rc, explicit = run_eval(tmp_path, bundle / "int4-cpu", fp32, "--max-tokens", "128")
+    assert rc == 0
+    by_name = {v["name"]: v for v in default["variants"]}
+    assert by_name["int4-cpu"]["metrics"] == explicit["variants"][0]["metrics"] and by_name["int4-cpu"]["metrics"]["kl_mean"] > 0
+
+
+@pytest.mark.parametrize("case", ["single package", "bundle without fp32-cpu"])
+def test_without_reference_and_no_fp32_variant_is_exit_2(tmp_path, int4, case, capsys):
+    pkg = int4 if case == "single package" else _bundle(tmp_path / "b", **{"int4-cpu": int4, "int4-again": int4})
+    rc = main(["eval", str(pkg), *FAST])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: --reference is needed") and err.count("\n") == 1, err
+    assert ("single package" if case == "single package" else "no fp32-cpu variant") in err
+
+
 def test_absent_ep_runs_on_cpu_and_the_report_says_so(tmp_path, int4, fp32, capsys):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime has CUDA: no fallback to observe")

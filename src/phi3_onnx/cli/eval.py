@@ -20,11 +20,12 @@ class PositionsChoice(str, Enum):
 
 
 @app.command("eval", epilog=example(
-    "phi3-onnx eval out/tiny-int4 --reference out/tiny-fp32-cpu --data tests/assets/corpus/heldout.txt"))
+    "phi3-onnx eval out/tiny-int4 --reference out/tiny-fp32-cpu --data tests/assets/corpus/heldout.txt",
+    "phi3-onnx eval out/bundle --data tests/assets/corpus/heldout.txt    # a bundle with fp32-cpu: its reference"))
 def eval_(
     package: Annotated[Path, typer.Argument(help="A package folder, or a bundle (folder of variant folders)")],
-    reference: Annotated[str, typer.Option("--reference", "-r", help="Reference: a package folder (e.g. the fp32-cpu export) or the original checkpoint (needs the torch extra)")],
     data: Annotated[Path, typer.Option("--data", "-d", help="UTF-8 text file to evaluate on")],
+    reference: Annotated[Optional[str], typer.Option("--reference", "-r", help="Reference: a package folder (e.g. the fp32-cpu export) or the original checkpoint (needs the torch extra); default for a bundle: its fp32-cpu variant")] = None,
     max_tokens: Annotated[int, typer.Option(help="Evaluate at most this many tokens (whole windows)")] = 1024,
     window: Annotated[int, typer.Option(help="Tokens per window (each window starts at position 0)")] = 128,
     positions: Annotated[PositionsChoice, typer.Option(help="start: windows of --window; long: windows of 2x the original context (LongRoPE)")] = PositionsChoice.start,
@@ -37,13 +38,17 @@ def eval_(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output on stderr")] = False,
 ) -> None:
     """Check quantized variants for accuracy drift against a reference; exit 1 when any is over a limit."""
-    from phi3_onnx.evaluate import EvalOptions, LimitOverrides, evaluate
+    from phi3_onnx.evaluate import EvalOptions, LimitOverrides, bundle_reference, evaluate
     from phi3_onnx.evaluate.render import to_markdown, to_text
 
     _check_numbers(max_tokens, window)
     to_stdout = _stdout_target(json_out, markdown_out)
     limits = LimitOverrides(max_ppl_increase, max_kl, min_top1)
     options = EvalOptions(data, window, max_tokens, positions.value, limits, require_all, progress=not quiet)
+    if reference is None:
+        reference = str(bundle_reference(package))
+        if not quiet:
+            print(f"reference: {reference} (the bundle's fp32-cpu variant)", file=sys.stderr)
     report = evaluate(package, reference, options)
     for warning in report.warnings:
         print(f"warning: {warning}", file=sys.stderr)

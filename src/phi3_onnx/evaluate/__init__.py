@@ -9,6 +9,6 @@ from __future__ import annotations
 from phi3_onnx.evaluate.limits import Failure, LimitOverrides
 from phi3_onnx.evaluate.metrics import DriftMetrics
 from phi3_onnx.evaluate.report import SCHEMA_VERSION, Report, VariantResult
-from phi3_onnx.evaluate.runner import EvalOptions, evaluate
+from phi3_onnx.evaluate.runner import EvalOptions, bundle_reference, evaluate
 
-__all__ = ["DriftMetrics", "EvalOptions", "Failure", "LimitOverrides", "Report", "SCHEMA_VERSION", "VariantResult", "evaluate"]
+__all__ = ["DriftMetrics", "EvalOptions", "Failure", "LimitOverrides", "Report", "SCHEMA_VERSION", "VariantResult", "bundle_reference", "evaluate"]

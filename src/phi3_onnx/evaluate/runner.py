@@ -94,6 +94,20 @@ def evaluate(package: str | os.PathLike, reference: str | os.PathLike, options: 
                   tuple(same_package_warnings(variants.items, reference)))
 
 
+REFERENCE_TARGET = "fp32-cpu"
+
+
+def bundle_reference(package: str | os.PathLike) -> Path:
+    """The reference `eval` uses when none is given: the bundle's one fp32-cpu variant."""
+    variants = discover(Path(package))
+    refs = [v for v in variants.items if v.manifest.target.name == REFERENCE_TARGET]
+    if variants.bundle and len(refs) == 1:
+        return refs[0].path
+    what = f"has {len(refs)} {REFERENCE_TARGET} variants" if refs else f"holds no {REFERENCE_TARGET} variant"
+    raise Phi3OnnxError(f"--reference is needed: {package} {what if variants.bundle else 'is a single package, not a bundle'}"
+                        f" (give the fp32-cpu export, or the original checkpoint)")
+
+
 def same_package_warnings(variants: tuple[Variant, ...], reference: str) -> list[str]:
     """A variant that is the reference itself (same folder, or the same files by sha256) passes trivially."""
     ref = Path(reference)
