@@ -191,3 +191,15 @@ def export_all_and_eval(ckpt: Path, targets: list[str], root: Path, heldout: Pat
               f"  ppl {m.get('ref_ppl', nan):.3f} -> {m.get('ppl', nan):.3f} ({m.get('ppl_increase_pct', nan):+.2f}%)"
               f"  max|dlogit| {m.get('max_abs_dlogit', nan):.3f}  {m.get('tokens')} tokens")
     return {"root": root, "reference": reference, "rc": rc, "rows": rows}
+
+
+def assert_within_registry_limits(row: dict, target: str, tokens: int, window: int) -> None:
+    """An eval report row (export_all_and_eval's) judged by `target`'s registry limits, passing, over
+    every window's next tokens (each window of `window` scores window - 1)."""
+    from phi3_onnx.targets import TARGETS
+
+    lim = TARGETS[target].limits
+    assert row["limits"] == {"max_ppl_increase_pct": lim.max_ppl_increase_pct, "max_kl": lim.max_kl,
+                             "min_top1": lim.min_top1, "source": "registry"}
+    assert row["status"] == "pass", row["failures"] or row["reason"]
+    assert row["metrics"]["tokens"] == tokens - tokens // window

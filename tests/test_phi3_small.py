@@ -29,7 +29,7 @@ from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import read_manifest
 from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
 from phi3_onnx.targets import FLAGSHIP_BLOCK, TARGETS
-from helpers import TINY_PHI3_SMALL, export_all_and_eval, genai_greedy
+from helpers import TINY_PHI3_SMALL, assert_within_registry_limits, export_all_and_eval, genai_greedy
 
 REL_TOL = 1e-4  # max |diff| / logit range, as tests/test_export.py
 
@@ -502,11 +502,7 @@ def test_trained_asset_fp32_matches_reference(trained) -> None:
 def test_every_target_passes_its_default_limits_on_the_trained_small(trained, target: str) -> None:
     """`phi3-onnx eval` (the CPU EP runs every target's graph) against fp32-cpu: within the registry's limits."""
     row = trained["rows"][target]
-    lim = TARGETS[target].limits
-    assert row["limits"] == {"max_ppl_increase_pct": lim.max_ppl_increase_pct, "max_kl": lim.max_kl,
-                             "min_top1": lim.min_top1, "source": "registry"}
-    assert row["status"] == "pass", row["failures"] or row["reason"]
-    assert row["metrics"]["tokens"] == _EVAL_TOKENS - _EVAL_TOKENS // _EVAL_WINDOW  # each window scores seq - 1 next tokens
+    assert_within_registry_limits(row, target, _EVAL_TOKENS, _EVAL_WINDOW)
     assert row["metrics"]["max_abs_dlogit"] < 10  # the dummy ids (masked in both) do not count
 
 

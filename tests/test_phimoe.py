@@ -33,7 +33,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 import torch
-from helpers import TINY_PHIMOE, export_all_and_eval, genai_greedy, make_random_phimoe, phimoe_like, phimoe_longrope
+from helpers import TINY_PHIMOE, assert_within_registry_limits, export_all_and_eval, genai_greedy, make_random_phimoe, phimoe_like, phimoe_longrope
 from test_export import _assert_close, _empty_past, _ids, _session
 from transformers import DynamicCache, PhimoeForCausalLM
 from transformers.models.phimoe import modeling_phimoe
@@ -599,11 +599,7 @@ def test_trained_asset_is_a_phimoe_checkpoint_and_fp32_matches_transformers(trai
 def test_every_target_passes_its_default_limits_on_the_trained_moe(trained, target: str) -> None:
     """`phi3-onnx eval` (the CPU EP runs every target's graph) against fp32-cpu: within the registry's limits."""
     row = trained["rows"][target]
-    lim = TARGETS[target].limits
-    assert row["limits"] == {"max_ppl_increase_pct": lim.max_ppl_increase_pct, "max_kl": lim.max_kl,
-                             "min_top1": lim.min_top1, "source": "registry"}
-    assert row["status"] == "pass", row["failures"] or row["reason"]
-    assert row["metrics"]["tokens"] == _EVAL_TOKENS - _EVAL_TOKENS // _EVAL_WINDOW  # each window scores seq - 1 next tokens
+    assert_within_registry_limits(row, target, _EVAL_TOKENS, _EVAL_WINDOW)
 
 
 def test_eval_of_the_trained_moe_passes(trained) -> None:

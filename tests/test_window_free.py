@@ -108,14 +108,22 @@ def test_runtime_greedy_across_the_window_equals_transformers(fp32_dual: Path, t
     assert got == ref
 
 
-def test_a_prompt_longer_than_the_window_starts_on_the_windowed_decoder(fp32_dual: Path, tiny_sliding_ckpt: Path) -> None:
-    model = load(fp32_dual, device="cpu", max_length=256)
-    prompt = _ids(120, seed=4)[0].tolist()
-    options = model.options(max_new_tokens=20, min_new_tokens=20)
+def _runtime_greedy_and_reference(package: Path, ckpt: Path, prompt_tokens: int, seed: int, new_tokens: int):
+    """phi3_onnx.runtime's greedy tokens for a random prompt (every new token generated), the model and the
+    decoder that made them, and transformers' greedy tokens for the same prompt."""
+    model = load(package, device="cpu", max_length=256)
+    prompt = _ids(prompt_tokens, seed=seed)[0].tolist()
+    options = model.options(max_new_tokens=new_tokens, min_new_tokens=new_tokens)
     decoder = model.new_decoder(options, len(prompt))
     got = list(model.token_ids(decoder, prompt, options))
+    ref = _torch_greedy_cached(_reference(ckpt), np.array([prompt]), new_tokens, tuple(model.stop_token_ids))
+    return model, decoder, got, ref
+
+
+def test_a_prompt_longer_than_the_window_starts_on_the_windowed_decoder(fp32_dual: Path, tiny_sliding_ckpt: Path) -> None:
+    _, decoder, got, ref = _runtime_greedy_and_reference(fp32_dual, tiny_sliding_ckpt, 120, seed=4, new_tokens=20)
     assert decoder.windowed and decoder.rebuilds == 0
-    assert got == _torch_greedy_cached(_reference(tiny_sliding_ckpt), np.array([prompt]), 20, tuple(model.stop_token_ids))
+    assert got == ref
 
 
 def test_engine_and_short_loads_pick_the_right_decoder(fp32_dual: Path, tiny_sliding_ckpt: Path) -> None:
@@ -214,14 +222,10 @@ def test_dml_window_is_applied_in_plain_ops(dml_fp32: Path, tiny_sliding_ckpt: P
 def test_dml_runtime_greedy_across_the_window_equals_transformers(dml_fp32: Path, tiny_sliding_ckpt: Path) -> None:
     """phi3_onnx.runtime runs the DML package's fast copy, then moves to the plain-op windowed graph (one
     re-prefill, genai's shared KV buffer) before passing the window: transformers' greedy tokens throughout."""
-    model = load(dml_fp32, device="cpu", max_length=256)
+    model, decoder, got, ref = _runtime_greedy_and_reference(dml_fp32, tiny_sliding_ckpt, 30, seed=5, new_tokens=150)
     assert model.window_free == WINDOW_FREE_DECODER
-    prompt = _ids(30, seed=5)[0].tolist()
-    options = model.options(max_new_tokens=150, min_new_tokens=150)
-    decoder = model.new_decoder(options, len(prompt))
-    got = list(model.token_ids(decoder, prompt, options))
     assert decoder.windowed and decoder.rebuilds == 1
-    assert got == _torch_greedy_cached(_reference(tiny_sliding_ckpt), np.array([prompt]), 150, tuple(model.stop_token_ids))
+    assert got == ref
 
 
 def test_graph_capture_where_shapes_are_static(exported, tiny_ckpt: Path, tiny_sliding_ckpt: Path, dml_fp32: Path) -> None:
