@@ -266,19 +266,31 @@ def add_training_args(ap: argparse.ArgumentParser, out: Path, batch: int) -> Non
     ap.add_argument("--out", type=Path, default=out)
 
 
+def add_shape_args(ap: argparse.ArgumentParser, intermediate: int, layers: bool = True, hidden_help: str | None = None,
+                   intermediate_help: str | None = None) -> None:
+    """The model-shape options the trainers share (hidden 256, 8 query / 4 KV heads, 4 layers where offered)."""
+    ap.add_argument("--hidden", type=int, default=256, help=hidden_help)
+    ap.add_argument("--intermediate", type=int, default=intermediate, help=intermediate_help)
+    if layers:
+        ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=4)
+
+
+def start_run(args: argparse.Namespace) -> float:
+    """Threads and seed from the training options; returns the start time."""
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return time.time()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_training_args(ap, OUT, batch=16)
     ap.add_argument("--dropout", type=float, default=0.0, help="training only; saved as 0")
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    add_shape_args(ap, intermediate=512)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t0 = time.time()
+    t0 = start_run(args)
 
     train_docs, held_docs = read_docs(CORPUS / "train.txt"), read_docs(CORPUS / "heldout.txt")
     tok = train_tokenizer(train_docs)

@@ -25,7 +25,7 @@ import torch
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_phi3 import CORPUS, add_training_args, perplexity, read_docs, train  # noqa: E402  (puts tests/ on sys.path)
+from train_tiny_phi3 import CORPUS, add_shape_args, add_training_args, perplexity, read_docs, start_run, train  # noqa: E402  (puts tests/ on sys.path)
 import phi3_small_ref as ref  # noqa: E402
 
 from phi3_onnx.checkpoint import tiktoken as tk  # noqa: E402
@@ -124,14 +124,10 @@ License Agreement (LICENSE is CPython's LICENSE.txt).
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_training_args(ap, OUT, batch=8)
-    ap.add_argument("--hidden", type=int, default=256, help="make_small_checkpoint's random default is 128; 256 as tiny-phi3 / tiny-phimoe")
-    ap.add_argument("--intermediate", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    add_shape_args(ap, intermediate=512, layers=False,
+                   hidden_help="make_small_checkpoint's random default is 128; 256 as tiny-phi3 / tiny-phimoe")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t0 = time.time()
+    t0 = start_run(args)
 
     cfg = ref.small_config(len(RANKS), hidden_size=args.hidden, ff_intermediate_size=args.intermediate,
                            num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,

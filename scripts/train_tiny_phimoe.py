@@ -26,6 +26,7 @@ from transformers import PhimoeConfig, PhimoeForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_phi3 import (  # noqa: E402  (its import puts tests/ on sys.path for helpers)
     CORPUS,
+    add_shape_args,
     add_training_args,
     END,
     EOT,
@@ -33,6 +34,7 @@ from train_tiny_phi3 import (  # noqa: E402  (its import puts tests/ on sys.path
     greedy,
     perplexity,
     read_docs,
+    start_run,
     to_ids,
     train,
     unigram_ppl,
@@ -167,18 +169,12 @@ def main() -> None:
     add_training_args(ap, OUT, batch=16)
     # hidden 256 as tiny-phi3 (where the registry's drift limits were measured): at hidden 128 the same
     # recipe gave int4 RTN KL 0.052, over int4's limits (width, not MoE: dense hidden 192 gives 0.020, 256 0.0076)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--intermediate", type=int, default=128, help="per expert")
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--kv-heads", type=int, default=4)
+    add_shape_args(ap, intermediate=128, intermediate_help="per expert")
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--input-jitter", type=float, default=0.01, help="Phi-3.5-MoE's input_jitter_noise")
     ap.add_argument("--aux-loss", type=float, default=0.01, help="router_aux_loss_coef while training")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    t0 = time.time()
+    t0 = start_run(args)
 
     tok = Tokenizer.from_file(str(TINY_PHI3 / "tokenizer.json"))
     train_docs, held_docs = read_docs(CORPUS / "train.txt"), read_docs(CORPUS / "heldout.txt")
