@@ -193,14 +193,20 @@ def write_hub_config(out: Path) -> str:
     return v5_text
 
 
-CARD = """---
+# the model cards' shared head (hub front matter) and foot (the licence of the training text)
+CARD_FRONT_MATTER = """---
 license: other
 license_name: psf-2.0
 license_link: LICENSE
 language: [en]
 pipeline_tag: text-generation
 ---
-# {name}: a {params}M-parameter Phi-3 test fixture for phi3-onnx
+"""
+CARD_LICENCE = """Licence: trained on CPython's docstrings, so distributed under the same terms, the PSF
+License Agreement (LICENSE is CPython's LICENSE.txt).
+"""
+
+CARD = CARD_FRONT_MATTER + """# {name}: a {params}M-parameter Phi-3 test fixture for phi3-onnx
 
 The file layout of Microsoft's Phi-3 hub checkpoints (4.x-style config.json; bf16 weights
 in 2 safetensors shards; Llama-style byte-fallback BPE tokenizer with Phi-3's added tokens
@@ -216,9 +222,7 @@ perplexity {ppl32:.1f} (bf16 {ppl16:.1f}; unigram baseline {uni:.1f}). Greedy sa
 
     {samples}
 
-Licence: trained on CPython's docstrings, so distributed under the same terms, the PSF
-License Agreement (LICENSE is CPython's LICENSE.txt).
-"""
+""" + CARD_LICENCE
 
 
 def greedy(model: Phi3ForCausalLM, tok: Tokenizer, prompt: str, n: int = 40) -> str:

@@ -25,7 +25,9 @@ import torch
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny_phi3 import CORPUS, add_shape_args, add_training_args, perplexity, read_docs, start_run, train  # noqa: E402  (puts tests/ on sys.path)
+from train_tiny_phi3 import (  # noqa: E402  (puts tests/ on sys.path)
+    CARD_FRONT_MATTER, CARD_LICENCE, CORPUS, add_shape_args, add_training_args, perplexity, read_docs, start_run, train,
+)
 import phi3_small_ref as ref  # noqa: E402
 
 from phi3_onnx.checkpoint import tiktoken as tk  # noqa: E402
@@ -91,14 +93,7 @@ def greedy(model: SmallLM, tok: Tokenizer, prompt: str, n: int = 60) -> str:
     return repr(prompt + tok.decode(ids[:cut], skip_special_tokens=False))
 
 
-CARD = """---
-license: other
-license_name: psf-2.0
-license_link: LICENSE
-language: [en]
-pipeline_tag: text-generation
----
-# {name}: a {params}M-parameter Phi-3-small test fixture for phi3-onnx
+CARD = CARD_FRONT_MATTER + """# {name}: a {params}M-parameter Phi-3-small test fixture for phi3-onnx
 
 The file layout `tests/phi3_small_ref.make_small_checkpoint` writes (config.json with Phi-3-small's keys,
 `Phi3SmallForCausalLM`; one model.safetensors in the checkpoint's own names, query_key_value / up_proj
@@ -116,9 +111,7 @@ trained on), training tests/phi3_small_ref.py's `reference_forward`: fp32 AdamW,
 
     {samples}
 
-Licence: trained on CPython's docstrings, so distributed under the same terms, the PSF
-License Agreement (LICENSE is CPython's LICENSE.txt).
-"""
+""" + CARD_LICENCE
 
 
 def main() -> None:

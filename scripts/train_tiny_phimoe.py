@@ -25,6 +25,8 @@ from transformers import PhimoeConfig, PhimoeForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny_phi3 import (  # noqa: E402  (its import puts tests/ on sys.path for helpers)
+    CARD_FRONT_MATTER,
+    CARD_LICENCE,
     CORPUS,
     add_shape_args,
     add_training_args,
@@ -127,14 +129,7 @@ def verify(out: Path, v5_config: str, ids: torch.Tensor) -> None:
     print("verified: hub tensor names, bf16, the hub-form config's logits == transformers 5's config's")
 
 
-CARD = """---
-license: other
-license_name: psf-2.0
-license_link: LICENSE
-language: [en]
-pipeline_tag: text-generation
----
-# {name}: a {params}M-parameter Phi-3.5-MoE test fixture for phi3-onnx
+CARD = CARD_FRONT_MATTER + """# {name}: a {params}M-parameter Phi-3.5-MoE test fixture for phi3-onnx
 
 The architecture and file layout of microsoft/Phi-3.5-MoE-instruct (`PhiMoEForCausalLM`,
 4.x-style config.json, bf16 weights in 2 safetensors shards, hub tensor names
@@ -159,9 +154,7 @@ Share of the held-out routing picks per expert, by layer (bf16): {load}. Greedy 
 
     {samples}
 
-Licence: trained on CPython's docstrings, so distributed under the same terms, the PSF
-License Agreement (LICENSE is CPython's LICENSE.txt).
-"""
+""" + CARD_LICENCE
 
 
 def main() -> None:
