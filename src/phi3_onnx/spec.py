@@ -59,6 +59,9 @@ class SmallSpec:
     def is_dense(self, layer: int) -> bool:
         return bool(self.dense_every) and (layer + 1) % self.dense_every == 0
 
+    def has_sparse_layer(self, num_layers: int) -> bool:
+        return not all(self.is_dense(i) for i in range(num_layers))
+
     def head_step(self, num_heads: int) -> int:
         return 0 if self.homo_head_pattern else max(1, int(self.vert_stride / num_heads))
 

@@ -129,7 +129,7 @@ def make_small_attention_inputs(ctx: Context, mask: ir.Value, position_ids: ir.V
     base = make_attention_inputs(ctx, mask, position_ids)
     out = SmallAttentionInputs(**vars(base))
     small, spec = small_of(ctx), ctx.spec
-    if all(small.is_dense(i) for i in range(spec.num_layers)):
+    if not small.has_sparse_layer(spec.num_layers):
         return out
     if sparse_op(ctx) == "GroupQueryAttention":
         out.sparse_bias = make_sparse_bias(ctx, mask)

@@ -231,7 +231,7 @@ def needs_shared_kv(spec: Any, target: Target) -> bool:
     small = getattr(spec, "small", None)
     if small is None or target.provider not in SPARSE_ATTENTION_PROVIDERS:
         return False
-    return not all(small.is_dense(i) for i in range(spec.num_layers))
+    return small.has_sparse_layer(spec.num_layers)
 
 
 def graph_capture_ok(spec: Any, target: Target) -> bool:
@@ -248,8 +248,7 @@ def graph_capture_ok(spec: Any, target: Target) -> bool:
     provider = PROVIDERS[target.provider]
     window_in_plain_ops = getattr(spec, "attention_window", None) is not None and not provider.gqa_applies_window
     small = getattr(spec, "small", None)
-    sparse_in_plain_ops = (small is not None and not provider.gqa_applies_bias
-                           and not all(small.is_dense(i) for i in range(spec.num_layers)))
+    sparse_in_plain_ops = small is not None and not provider.gqa_applies_bias and small.has_sparse_layer(spec.num_layers)
     return not (window_in_plain_ops or sparse_in_plain_ops)
 
 
