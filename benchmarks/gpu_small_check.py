@@ -41,7 +41,6 @@ import phi3_small_ref as ref
 import torch
 
 from phi3_onnx import export
-from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
 from phi3_onnx.targets import TARGETS
 
 TARGET_NAMES = ("fp16-cuda", "int4-cuda", "int4-awq-cuda")
@@ -69,17 +68,6 @@ def build_checkpoint(folder: Path) -> Path:
     ref.write_ranks(ranks, folder / "cl100k_base.tiktoken")
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Phi3SmallTokenizer"}))
     return folder
-
-
-def dequantized(weights: dict[str, torch.Tensor], block: int, dtype: str, table_block: int | None = None) -> dict[str, torch.Tensor]:
-    """Each 2-D weight through the package's int4 round trip (the tied table at its own block when the recipe
-    gives one): an fp16 package quantizes the fp16-cast weight (fp16 scales), which gives some weights another
-    int4 code than the float32 round trip would."""
-    def trip(v: torch.Tensor, bs: int) -> torch.Tensor:
-        return torch.from_numpy(dequantize_int4(quantize_int4(v.numpy().astype(dtype), bs, dtype=dtype), *v.shape, bs)).float()
-
-    return {k: trip(v, table_block if k == "model.embed_tokens.weight" and table_block else block) if v.dim() == 2 else v
-            for k, v in weights.items()}
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -139,7 +127,7 @@ def check_target(name: str, ckpt: Path, work: Path, cfg: dict, weights: dict, ro
         from phi3_onnx.quantize.awq_small import awq_small_weights
 
         weights = ref.own_layout(ckpt, awq_small_weights(ckpt, spec_from_folder(ckpt), t.quant))
-    w = dequantized(weights, recipe["block_size"], t.io_dtype, recipe.get("tied_table_block_size")) if recipe else weights
+    w = ref.int4_round_trip(weights, recipe["block_size"], t.io_dtype, recipe.get("tied_table_block_size")) if recipe else weights
     ops = sorted({n.op_type for n in __import__("onnx").load(str(pkg / "model.onnx"), load_external_data=False).graph.node if "Attention" in n.op_type})
     row("graph", "+".join(ops), ops == ["GroupQueryAttention", "SparseAttention"], f"quant: {recipe['method'] if recipe else 'none'}")
     ids = np.random.default_rng(1).integers(3, 256, size=(1, PREFILL + DECODE)).astype(np.int64)

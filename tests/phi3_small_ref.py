@@ -31,6 +31,7 @@ import regex
 import torch
 
 from phi3_onnx.checkpoint import tiktoken as tk
+from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 
@@ -318,3 +319,15 @@ def own_layout(folder: Path, source) -> dict[str, torch.Tensor]:
         w = torch.from_numpy(source.read(served).copy()).float()
         out[own] = fix[role](cfg, w) if role in fix else w
     return out
+
+
+def int4_round_trip(weights: dict[str, torch.Tensor], block: int, dtype: str = "float32",
+                    table_block: int | None = None) -> dict[str, torch.Tensor]:
+    """The weights (the checkpoint's, or AWQ's) with every matrix (the tied table included, at `table_block` when
+    the recipe gives it its own) replaced by its int4 round trip; an fp16 package (dtype float16) quantizes the
+    fp16-cast matrices with fp16 scales, and so does this."""
+    def trip(v: torch.Tensor, bs: int) -> torch.Tensor:
+        return torch.from_numpy(dequantize_int4(quantize_int4(v.numpy().astype(dtype), bs, dtype=dtype), *v.shape, bs)).float()
+
+    return {k: trip(v, table_block if k == "model.embed_tokens.weight" and table_block else block) if v.dim() == 2 else v
+            for k, v in weights.items()}

@@ -27,7 +27,6 @@ from phi3_onnx.checkpoint import spec_from_config, spec_from_folder
 from phi3_onnx.checkpoint import tiktoken as tk
 from phi3_onnx.errors import Phi3OnnxError
 from phi3_onnx.manifest import read_manifest
-from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4
 from phi3_onnx.targets import FLAGSHIP_BLOCK, TARGETS
 from helpers import TINY_PHI3_SMALL, assert_within_registry_limits, export_all_and_eval, genai_greedy
 
@@ -171,24 +170,12 @@ def test_fp32_longrope_past_the_original_context(exported, small_longrope_ckpt: 
     _cached_decode(pkg, small_longrope_ckpt, ids[:, :170], prefix=100)  # crosses 128 token by token
 
 
-def _dequantized(weights: dict[str, torch.Tensor], block: int, dtype: str = "float32",
-                 table_block: int | None = None) -> dict[str, torch.Tensor]:
-    """The weights (the checkpoint's, or AWQ's) with every matrix (the tied table included, at `table_block` when
-    the recipe gives it its own) replaced by its int4 round trip; an fp16 package (dtype float16) quantizes the
-    fp16-cast matrices with fp16 scales, and so does this."""
-    def trip(v: torch.Tensor, bs: int) -> torch.Tensor:
-        return torch.from_numpy(dequantize_int4(quantize_int4(v.numpy().astype(dtype), bs, dtype=dtype), *v.shape, bs)).float()
-
-    return {k: trip(v, table_block if k == "model.embed_tokens.weight" and table_block else block) if v.dim() == 2 else v
-            for k, v in weights.items()}
-
-
 def test_int4_matches_reference_on_dequantized_weights(exported, small_ckpt: Path) -> None:
     """int4-cpu with fp32 compute (accuracy level 0) computes the reference over the int4 round trip of
     every matrix (the tied table included); q/k/v and gegelu rows are permuted whole, blocks run along K."""
     pkg = exported("int4-cpu", small_ckpt, accuracy_level=0)
     block = TARGETS["int4-cpu"].quant.block_size
-    w = _dequantized(ref.load_weights(small_ckpt), block)
+    w = ref.int4_round_trip(ref.load_weights(small_ckpt), block)
     ids = _ids(300, 600, seed=3)
     _finite_close(_prefill(pkg, ids), _reference(small_ckpt, ids, w), "int4-cpu vs dequantized reference")
 
@@ -446,7 +433,7 @@ def test_every_target_exports(exported, small_ckpt: Path, target: str, request) 
         logits = sess.run(["logits"], feed)[0].astype(np.float32)
     quant = read_manifest(pkg).target.quant
     source = request.getfixturevalue("small_awq_weights") if awq else ref.load_weights(small_ckpt)
-    weights = _dequantized(source, quant.block_size, t.io_dtype, quant.tied_table_block_size) if t.quant else None
+    weights = ref.int4_round_trip(source, quant.block_size, t.io_dtype, quant.tied_table_block_size) if t.quant else None
     want = _reference(small_ckpt, feed["input_ids"], weights)
     # int4 targets against the reference on their own dequantized weights (fp16 targets: the fp16 round
     # trip); what is left is the int8 activations of accuracy level 4 (CPU: 1.1e-2 of the range here) or fp16

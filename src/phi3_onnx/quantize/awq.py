@@ -37,12 +37,12 @@ query heads sharing a KV head (geometric mean), which keeps the fold exact for a
 from __future__ import annotations
 
 import os
-from typing import Any
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
