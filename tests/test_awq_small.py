@@ -28,7 +28,6 @@ from phi3_onnx.quantize import CalibrationOptions, calibration_record  # noqa: E
 from phi3_onnx.quantize import torch_phi3 as tp  # noqa: E402
 from phi3_onnx.quantize.awq import v_row_scale  # noqa: E402
 from phi3_onnx.quantize.awq_small import awq_small_weights, embed, layer_forward, layer_norm, load_layer, visible_keys  # noqa: E402
-from phi3_onnx.quantize.rtn import dequantize_int4, quantize_int4  # noqa: E402
 from phi3_onnx.targets import FLAGSHIP_BLOCK, TARGETS  # noqa: E402
 
 EXACT = 1e-5  # max |diff| / logit range: the float model under a float32 rewrite
@@ -59,17 +58,6 @@ def _rel(got: np.ndarray, want: np.ndarray) -> float:
     real = want[0, 0] > np.finfo(np.float32).min
     g, w = got[..., real], want[..., real]
     return float(np.abs(g - w).max() / (w.max() - w.min()))
-
-
-def _round_trip(weights: dict[str, torch.Tensor], block: int, table_block: int | None = None) -> dict[str, torch.Tensor]:
-    """Every matrix (the tied table included, at `table_block` if given) through the int4 packer's round trip,
-    as the int4 package holds it."""
-    def trip(v: torch.Tensor, bs: int) -> torch.Tensor:
-        w = v.numpy()
-        return torch.from_numpy(np.ascontiguousarray(dequantize_int4(quantize_int4(w, bs), *w.shape, bs), dtype=np.float32))
-
-    return {k: trip(v, table_block if k == "model.embed_tokens.weight" and table_block else block) if v.dim() == 2 else v
-            for k, v in weights.items()}
 
 
 def _session_logits(pkg: Path, ids: np.ndarray) -> np.ndarray:
@@ -209,12 +197,12 @@ def test_awq_package_equals_reference_over_its_weights(small_ckpt: Path, small_a
     table = target.quant.tied_table_block_size if tied else None  # the tied table keeps int4-cpu's block
     assert blocks == {FLAGSHIP_BLOCK} | ({table} if tied else set()) and ("GatherBlockQuantized" in {n.op_type for n in model.graph.node}) == tied
     ids = _ids(300, seed=4)
-    weights = _round_trip(ref.own_layout(small_ckpt, small_awq), FLAGSHIP_BLOCK, table)
+    weights = ref.int4_round_trip(ref.own_layout(small_ckpt, small_awq), FLAGSHIP_BLOCK, table_block=table)
     untied = {"model.embed_tokens.weight": ref.load_weights(small_ckpt)["model.embed_tokens.weight"]} if shape == "untied lm_head" else {}
     want = _forward(small_ckpt, weights | untied, ids)  # an untied model's embedding table stays float
     got = _session_logits(pkg, ids)
     err = _rel(got, want)
-    rtn = _rel(got, _forward(small_ckpt, _round_trip(ref.load_weights(small_ckpt), FLAGSHIP_BLOCK, table) | untied, ids))
+    rtn = _rel(got, _forward(small_ckpt, ref.int4_round_trip(ref.load_weights(small_ckpt), FLAGSHIP_BLOCK, table_block=table) | untied, ids))
     print(f"{shape} vs reference over its int4 round-tripped AWQ weights: max|diff|/range {err:.2e} "
           f"(over RTN's: {rtn:.2e})")
     assert err <= PACKAGE and rtn > 100 * PACKAGE  # the check tells AWQ's weights from RTN's
